@@ -1,0 +1,49 @@
+"""minibt: BERT, RoBERTa, DistilBERT, OPT and Llama in plain PyTorch, every attention call through one interface."""
+from __future__ import annotations
+
+import torch
+
+from . import attention, errors
+from .embed import embed
+from .errors import ConfigError, MinibtError
+from .hub import resolve
+from .loading import Checkpoint, empty_model, load_weights, map_keys, pick_dtype, read_config, weights_map
+from .tokenizer import load_tokenizer
+
+__all__ = ["from_hub", "load_tokenizer", "embed", "attention", "errors", "MinibtError"]
+
+HEAD_SUFFIXES = {"ForMaskedLM": "masked-lm", "ForPreTraining": "masked-lm", "ForCausalLM": "causal-lm",
+                 "ForSequenceClassification": "sequence-classification"}
+
+
+def from_hub(name_or_path, attn: str = "auto", dtype=None, device="cpu", revision=None, head: str = "auto"):
+    """Load a hub repo id or a local folder (config.json + safetensors, single or sharded)."""
+    from .models import MODEL_TYPES
+    folder = resolve(name_or_path, revision)
+    config = read_config(folder)
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"{folder / 'config.json'}: model_type={model_type!r} is not supported; minibt has "
+                          f"{', '.join(MODEL_TYPES)}")
+    cls = MODEL_TYPES[model_type]
+    head = _pick_head(config, head, cls.heads)
+    checkpoint = Checkpoint(folder)
+    spec = weights_map(cls.family)
+    present, _ = map_keys(checkpoint.where, spec)
+    dtype = pick_dtype(dtype, config, device)
+    with empty_model():
+        model = cls.from_hf(config, head, set(present))
+    load_weights(model, checkpoint, spec, dtype, device)
+    model.source = folder
+    return model.eval().set_attention(attn)
+
+
+def _pick_head(config: dict, head: str, available) -> str:
+    if head == "auto":
+        arch = (config.get("architectures") or [""])[0]
+        head = next((h for suffix, h in HEAD_SUFFIXES.items() if arch.endswith(suffix)), "base")
+        return head if head in available else "base"
+    if head not in available:
+        raise ConfigError(f"head={head!r} is not available for model_type={config.get('model_type')!r}; "
+                          f"choose from {', '.join(available)}")
+    return head

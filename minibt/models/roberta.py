@@ -1,0 +1,27 @@
+"""RoBERTa = BERT with positions counted from padding_idx + 1, a GELU MLM head and a tanh classifier on <s>."""
+from dataclasses import replace
+
+import torch
+
+from .bert import Bert, BertConfig
+
+
+class RobertaConfig(BertConfig):
+    @classmethod
+    def from_hf(cls, c: dict) -> BertConfig:
+        return replace(BertConfig.from_hf(c), pad_token_id=c.get("pad_token_id", 1), mlm_act="gelu")
+
+
+class Roberta(Bert):
+    family = "roberta"
+    config_class = RobertaConfig
+    classifier_act = "tanh"
+
+    def max_length(self):
+        return self.config.max_positions - self.config.pad_token_id - 1
+
+    def position_ids(self, input_ids, attention_mask):
+        # Why: fairseq numbered positions from padding_idx + 1 and gave padding the padding_idx position.
+        # transformers derives "padding" from input_ids == pad_token_id (not from the attention mask); so do we.
+        real = input_ids.ne(self.config.pad_token_id).long()
+        return torch.cumsum(real, dim=1) * real + self.config.pad_token_id

@@ -1,0 +1,115 @@
+"""Tokenizers over the `tokenizers` library: tokenizer.json, or vocab.txt (WordPiece) / vocab.json + merges.txt."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as _Tokenizer
+from tokenizers import processors
+
+from .errors import ConfigError, InputError
+from .hub import resolve
+
+
+class Tokenizer:
+    """Call it on a list of texts: right-padded tensors like transformers' tokenizers (return_tensors="pt")."""
+
+    def __init__(self, tok: _Tokenizer, config: dict, folder: Path, type_ids: bool):
+        # Some tokenizer.json files carry fixed padding/truncation (e.g. pad to 128): we pad to the longest
+        # text of the batch and truncate only when asked, as transformers' tokenizers do.
+        tok.no_padding()
+        tok.no_truncation()
+        self.tok, self.config, self.folder, self.type_ids = tok, config, folder, type_ids
+        self.pad_token_id = self._id(config.get("pad_token")) if config.get("pad_token") else None
+        limit = config.get("model_max_length")
+        self.model_max_length = limit if isinstance(limit, int) and limit < 1e9 else None
+
+    def _id(self, token):
+        token = token["content"] if isinstance(token, dict) else token
+        return self.tok.token_to_id(token)
+
+    def token_id(self, name: str) -> int | None:
+        """The id of a special token named in tokenizer_config.json, e.g. token_id("mask_token")."""
+        token = self.config.get(name)
+        return None if token is None else self._id(token)
+
+    def encode(self, texts, *, truncation=False, max_length=None, add_special_tokens=True):
+        if isinstance(texts, str):
+            texts = [texts]
+        if truncation:
+            limit = max_length or self.model_max_length
+            if limit is None:
+                raise InputError(f"{self.folder}: truncation=True needs max_length (tokenizer_config.json has no "
+                                 "model_max_length)")
+            self.tok.enable_truncation(limit)
+        try:
+            return self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        finally:
+            self.tok.no_truncation()
+
+    def __call__(self, texts, *, truncation=False, max_length=None, add_special_tokens=True, padding_side="right"):
+        encs = self.encode(texts, truncation=truncation, max_length=max_length, add_special_tokens=add_special_tokens)
+        width = max((len(e.ids) for e in encs), default=0)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        ids = torch.full((len(encs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encs), width), dtype=torch.long)
+        types = torch.zeros((len(encs), width), dtype=torch.long)
+        for i, e in enumerate(encs):
+            n = len(e.ids)
+            row = slice(0, n) if padding_side == "right" else slice(width - n, width)
+            ids[i, row] = torch.tensor(e.ids, dtype=torch.long)
+            mask[i, row] = 1
+            types[i, row] = torch.tensor(e.type_ids, dtype=torch.long)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if self.type_ids:
+            out["token_type_ids"] = types
+        return out
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.tok.id_to_token(int(i)) for i in ids]
+
+
+def load_tokenizer(name_or_path, revision=None) -> Tokenizer:
+    folder = resolve(name_or_path, revision)
+    config = _read(folder / "tokenizer_config.json")
+    special = _read(folder / "special_tokens_map.json")
+    for key, value in special.items():
+        config.setdefault(key, value)
+    model_type = _read(folder / "config.json").get("model_type", "")
+    if (folder / "tokenizer.json").is_file():
+        tok = _Tokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "vocab.txt").is_file():
+        from tokenizers.implementations import BertWordPieceTokenizer
+        tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=config.get("do_lower_case", True))._tokenizer
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        from tokenizers.implementations import ByteLevelBPETokenizer
+        tok = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                    add_prefix_space=config.get("add_prefix_space", False))._tokenizer
+        bos, eos = config.get("bos_token", "<s>"), config.get("eos_token", "</s>")
+        bos, eos = (t["content"] if isinstance(t, dict) else t for t in (bos, eos))
+        if model_type in ("roberta",):
+            tok.post_processor = processors.RobertaProcessing((eos, tok.token_to_id(eos)), (bos, tok.token_to_id(bos)))
+        elif model_type == "opt":   # OPT prepends </s> (its bos) to every text
+            tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    else:
+        raise ConfigError(f"{folder}: no tokenizer.json, vocab.txt, or vocab.json + merges.txt")
+    if not (folder / "tokenizer.json").is_file():     # the vocab files do not say which tokens are special
+        names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+        specials = [config[n]["content"] if isinstance(config[n], dict) else config[n] for n in names if config.get(n)]
+        tok.add_special_tokens([t for t in specials if tok.token_to_id(t) is not None])
+    names = config.get("model_input_names")
+    type_ids = "token_type_ids" in names if names else model_type == "bert"
+    return Tokenizer(tok, config, folder, type_ids)
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None

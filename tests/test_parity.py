@@ -1,0 +1,136 @@
+"""Every encoder family x head x backend against transformers on tiny random checkpoints (fp32 <= 1e-4)."""
+import pytest
+import torch
+
+import minibt
+from conftest import ENCODERS, ragged_batch
+
+ARCHS = [arch for _, archs in ENCODERS.values() for arch in archs]
+BACKENDS = ["naive", "sdpa", "varlen", "flash", "fused"]
+
+
+def reference(ref, ids, mask):
+    with torch.no_grad():
+        return ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_encoder_parity_fp32(tiny, arch, attn):
+    folder, ref = tiny(arch)
+    model = minibt.from_hub(folder, attn=attn)
+    assert model.head == ENCODERS[model.family][1][arch] and model.attn == attn
+    ids, mask = ragged_batch(ref.config.vocab_size, ref.config.pad_token_id)
+    out = model(ids, attention_mask=mask)
+    want = reference(ref, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[real], want.hidden_states[-1][real], atol=1e-4, rtol=0)
+    assert out.last_hidden_state[~real].abs().max() == 0                  # padded positions exactly 0
+    if arch.endswith("MaskedLM"):
+        torch.testing.assert_close(out.logits[real], want.logits[real], atol=1e-4, rtol=0)
+    elif arch.endswith("SequenceClassification"):
+        rows = real.any(1)                                                # the fully padded row has no first token
+        torch.testing.assert_close(out.logits[rows], want.logits[rows], atol=1e-4, rtol=0)
+    else:
+        assert out.logits is None
+    if getattr(want, "pooler_output", None) is not None:
+        torch.testing.assert_close(out.pooler_output[:3], want.pooler_output[:3], atol=1e-4, rtol=0)
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa", "varlen", "fused"])
+@pytest.mark.parametrize("arch", ["BertForMaskedLM", "RobertaModel", "DistilBertForSequenceClassification"])
+def test_encoder_parity_bf16(tiny, arch, attn):
+    """bf16 weights and activations: within 3e-2 of transformers in fp32 (bf16 keeps ~3 significant digits)."""
+    folder, ref = tiny(arch)
+    model = minibt.from_hub(folder, attn=attn, dtype=torch.bfloat16)
+    assert model.embeddings.word.weight.dtype == torch.bfloat16
+    ids, mask = ragged_batch(ref.config.vocab_size, ref.config.pad_token_id)
+    out = model(ids, attention_mask=mask)
+    want = reference(ref, ids, mask)
+    real = mask.bool()
+    got, exp = out.last_hidden_state[real].float(), want.hidden_states[-1][real]
+    assert (got - exp).abs().max() < 3e-2 * exp.abs().max()
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "relu"])
+def test_hidden_act_honoured(tiny, act):
+    folder, ref = tiny("BertForMaskedLM", hidden_act=act)
+    ids, mask = ragged_batch(99, 0)
+    out = minibt.from_hub(folder, attn="sdpa")(ids, attention_mask=mask)
+    want = reference(ref, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], want.logits[real], atol=1e-4, rtol=0)
+
+
+def test_distilbert_activation_honoured(tiny):
+    folder, ref = tiny("DistilBertModel", activation="relu")
+    ids, mask = ragged_batch(99, 0)
+    out = minibt.from_hub(folder, attn="varlen")(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[real], reference(ref, ids, mask).hidden_states[-1][real],
+                               atol=1e-4, rtol=0)
+
+
+def test_roberta_positions_skip_padding_idx(tiny):
+    """RoBERTa numbers positions from padding_idx + 1; a long sequence must use the last position rows."""
+    folder, ref = tiny("RobertaModel")
+    model = minibt.from_hub(folder, attn="sdpa")
+    assert model.max_length() == 64
+    ids = torch.randint(3, 99, (1, 64))
+    torch.testing.assert_close(model(ids).last_hidden_state, reference(ref, ids, None).hidden_states[-1],
+                               atol=1e-4, rtol=0)
+
+
+def test_token_type_ids(tiny):
+    folder, ref = tiny("BertModel")
+    ids, mask = ragged_batch(99, 0)
+    types = torch.zeros_like(ids)
+    types[:, 3:] = 1
+    out = minibt.from_hub(folder, attn="varlen")(ids, attention_mask=mask, token_type_ids=types)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[real], want[real], atol=1e-4, rtol=0)
+
+
+def test_output_attentions(tiny):
+    folder, ref = tiny("BertModel")
+    ids, mask = ragged_batch(99, 0)
+    model = minibt.from_hub(folder, attn="naive")
+    out = model(ids, attention_mask=mask, output_attentions=True)
+    ref.set_attn_implementation("eager")          # transformers' sdpa cannot return probabilities
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    ref.set_attn_implementation("sdpa")
+    assert len(out.attentions) == len(want) == 2
+    rows = mask.bool()[:3]
+    for got, exp in zip(out.attentions, want):
+        assert got.shape == exp.shape
+        torch.testing.assert_close(got[:3].transpose(1, 2)[rows], exp[:3].transpose(1, 2)[rows], atol=1e-5, rtol=0)
+    assert out.attentions[0][3].abs().sum() == 0                          # fully padded row: zeros, not NaN
+    with pytest.raises(minibt.errors.BackendError, match="naive"):
+        model.set_attention("sdpa")(ids, attention_mask=mask, output_attentions=True)
+
+
+def test_set_attention_switches_in_place(tiny):
+    folder, _ = tiny("BertModel")
+    model = minibt.from_hub(folder, attn="naive")
+    ids, mask = ragged_batch(99, 0)
+    a = model(ids, attention_mask=mask).last_hidden_state
+    assert model.set_attention("varlen") is model and model.attn == "varlen"
+    torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, a, atol=1e-5, rtol=0)
+
+
+def test_no_mask_and_left_padding(tiny):
+    """No mask at all; and a left-padded encoder batch (repacked by index for varlen/fused) equals naive."""
+    folder, _ = tiny("BertModel")
+    model = minibt.from_hub(folder, attn="naive")
+    ids = torch.randint(3, 99, (2, 7))
+    want = model(ids).last_hidden_state
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0, 1]])    # left padding and a holey row
+    spec = model(ids, attention_mask=mask).last_hidden_state
+    for attn in BACKENDS:
+        model.set_attention(attn)
+        torch.testing.assert_close(model(ids).last_hidden_state, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, spec, atol=1e-5, rtol=0)

