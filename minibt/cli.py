@@ -75,6 +75,22 @@ def cmd_fill_mask(args):
                 print(f"{p:.3f}  {text.replace(mask_text, tok.decode([i]).strip(), 1)}")
 
 
+def cmd_bench(args):
+    import torch
+    from . import bench
+    dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.full:                                     # the seed's grid
+        args.batch, args.length, args.padding = [8, 16, 64], [64, 128, 256], [0, 0.1, 0.2, 0.5, 0.75]
+    rows, peak = bench.run(args.model, args.batch, args.length, args.padding, dtype, args.backends.split(","),
+                           args.reps, compile=args.compile)
+    table = bench.markdown(rows, peak, dtype)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    if args.plot:
+        bench.plot(rows, Path(args.plot), f"{args.model} {args.dtype}")
+
+
 def parser():
     p = argparse.ArgumentParser(prog="minibt", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,6 +112,19 @@ def parser():
     f.add_argument("texts", nargs="+")
     f.add_argument("--top-k", type=int, default=5)
     f.set_defaults(fn=cmd_fill_mask)
+    b = sub.add_parser("bench", help="encoder time vs padding: minibt backends and transformers, same weights")
+    b.add_argument("--model", default="bert-base", help="bert-base | bert-large | minilm (random weights) or a checkpoint")
+    b.add_argument("--batch", type=int, nargs="+", default=[8])
+    b.add_argument("--length", type=int, nargs="+", default=[128])
+    b.add_argument("--padding", type=float, nargs="+", default=[0, 0.1, 0.2, 0.5, 0.75])
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16"])
+    b.add_argument("--backends", default="sdpa,varlen,fused,auto")
+    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
+    b.add_argument("--full", action="store_true", help="the seed's grid: batch 8/16/64 x length 64/128/256 x 5 paddings")
+    b.add_argument("--out", help="write the markdown table here")
+    b.add_argument("--plot", help="write a PNG plot of speedup vs padding here (needs matplotlib)")
+    b.set_defaults(fn=cmd_bench)
     return p
 
 

@@ -48,10 +48,11 @@ def test_decode_step_with_offset(name):
 
 @pytest.mark.parametrize("name", attention.backends())
 @pytest.mark.parametrize("causal", [False, True])
-def test_packed_batch_matches_padded(name, causal):
+@pytest.mark.parametrize("lengths", [(7, 3, 0), (7, 7, 7), (1, 1, 1)])
+def test_packed_batch_matches_padded(name, causal, lengths):
     """A packed batch (B = 1, cu_seqlens) gives each sequence the answer it gets padded."""
     q, k, v = qkv(hkv=2)
-    kp = padding([7, 3, 0], 7)
+    kp = padding(lengths, 7)
     want = attention.naive(q, k, v, mask=AttnMask(kp, causal=causal), scale=0.3)
     pack = Packing(kp)
     pq, pk, pv = (pack.pack(t.transpose(1, 2)).transpose(1, 2) for t in (q, k, v))     # (1, H, T, D)

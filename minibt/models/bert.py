@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import BackendError, ConfigError
 from .common import Batch, Model, Output, activation, check_inputs
 
 
@@ -117,8 +117,7 @@ class Bert(Model):
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if pooler else None
         self.mlm = MaskedLMHead(cfg) if head == "masked-lm" else None
         self.classifier = ClassifierHead(cfg, num_labels, self.classifier_act) if head == "sequence-classification" else None
-        self.fused = None                            # kernels/fused_encoder.py, when attn="fused"
-        self.set_attention("sdpa")
+        self.set_attention("auto")
 
     @classmethod
     def from_hf(cls, config: dict, head: str, keys: set):
@@ -137,26 +136,27 @@ class Bert(Model):
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
     def set_attention(self, name: str):
+        self.fused = None
         if name == "fused":
             from ..kernels.fused_encoder import FusedEncoder
             self.fused = FusedEncoder(self)             # checks it can run this model exactly; raises if not
-            return super().set_attention("varlen")      # the fused stack runs on the packed tokens
-        self.fused = None
+            super().set_attention("varlen")             # the fused stack runs on the packed tokens
+            self.attn = "fused"
+            return self
         return super().set_attention(name)
-
-    @property
-    def attn(self):
-        return "fused" if self.fused is not None else self.backend.name
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_attentions=False) -> Output:
         check_inputs(input_ids, attention_mask, vocab_size=self.config.vocab_size, max_length=self.max_length())
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         positions = self.position_ids(input_ids, attention_mask)
-        attend, probs = self.bind(output_attentions)
-        batch = Batch(attention_mask, input_ids.shape, packed=self.backend.packed, causal=False)
+        backend = self.route(attention_mask, output_attentions)
+        attend, probs = self.bind(backend, output_attentions)
+        batch = Batch(attention_mask, input_ids.shape, packed=backend.packed, causal=False)
         x = self.embeddings(batch.pack(input_ids), batch.pack(token_type_ids), batch.pack(positions))
         if self.fused is not None:
+            if output_attentions:
+                raise BackendError("attn='fused' cannot return attention probabilities; use 'naive' or 'auto'")
             x = self.fused(x, batch.mask)                # BetterTransformer fastpath: each layer is one fused op
         else:
             for layer in self.layers:

@@ -78,33 +78,49 @@ class Batch:
         return t if self.real is None else t.masked_fill(~self.real.view(*self.real.shape, *[1] * (t.dim() - 2)), 0)
 
 
+# `auto` (measured, docs/benchmarks.md "encoder_padding"): the packed path wins from this padding fraction up;
+# below it, the dense SDPA path (no pack/unpack, one batched attention call) is as fast or faster.
+AUTO_VARLEN_FROM = 0.05
+
+
+def auto_backend(attention_mask, output_attentions: bool) -> str:
+    if output_attentions:
+        return "naive"                      # the only backend that returns probabilities
+    if attention_mask is None or attention_mask.numel() == 0:
+        return "sdpa"
+    padding = 1.0 - float(attention_mask.float().mean())
+    return "varlen" if padding >= AUTO_VARLEN_FROM else "sdpa"
+
+
 class Model(nn.Module):
     """Backend binding shared by all families."""
 
-    backend: attention.Backend
     family = "?"
 
     def set_attention(self, name: str):
-        """Switch the attention backend in place; returns the model."""
-        self.backend = attention.get("sdpa" if name == "auto" else name)
+        """Switch the attention backend in place ("auto" picks per call); returns the model."""
+        self.backend = None if name == "auto" else attention.get(name)
+        self.attn = name
         return self
 
-    @property
-    def attn(self) -> str:
-        return self.backend.name
+    def route(self, attention_mask, output_attentions: bool) -> attention.Backend:
+        """The backend for this call: the fixed one, or auto's pick for this input."""
+        if self.backend is not None:
+            return self.backend
+        return attention.get(auto_backend(attention_mask, output_attentions))
 
     def tied(self) -> dict:
         """{parameter name: the parameter it is tied to}."""
         return {}
 
-    def bind(self, output_attentions: bool):
+    @staticmethod
+    def bind(backend: attention.Backend, output_attentions: bool):
         """The attention function for one forward, and the list it fills with probabilities if asked."""
-        backend = self.backend
         if not output_attentions:
             return backend.fn, None
         if not backend.probs:
             raise BackendError(f"backend {backend.name!r} cannot return attention probabilities; "
-                               "use model.set_attention('naive') for output_attentions=True")
+                               "use model.set_attention('naive') (or 'auto') for output_attentions=True")
         probs = []
 
         def attend(q, k, v, *, mask, scale):

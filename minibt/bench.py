@@ -1,0 +1,169 @@
+"""`minibt bench`: encoder time vs padding, every minibt backend and transformers on the same weights and inputs.
+
+The seed experiment as a command: batch x length x padding fraction, interleaved runs (each repetition runs every
+contender once, in turn), median times, speedup against transformers' sdpa measured in the same run.
+"""
+from __future__ import annotations
+
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {   # random-weight model shapes (no download)
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+}
+
+
+def padded_batch(batch: int, length: int, padding: float, vocab: int, seed: int = 0):
+    """Right-padded batch whose padding fraction is `padding`: row 0 is full (so the width is `length`),
+    the other rows share the remaining real tokens evenly."""
+    total = round((1 - padding) * batch * length)
+    rest = max(total - length, 0)
+    lengths = [length] + [rest // (batch - 1) + (i < rest % (batch - 1)) for i in range(batch - 1)] if batch > 1 else [length]
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :max(n, 1)] = 1
+    ids = torch.randint(1000, vocab - 1, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def random_checkpoint(shape: str, folder: Path) -> Path:
+    import transformers
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**SHAPES[shape])).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def matmul_peak(dtype, n=1024, k=768, m=3072, reps=5) -> float:
+    """GFLOP/s of one large GEMM, the ceiling a dense encoder can reach on this machine."""
+    a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, m, dtype=dtype)
+    a @ b
+    t = min(_time(lambda: a @ b) for _ in range(reps))
+    return 2 * n * k * m / t / 1e9
+
+
+def useful_flops(cfg, mask) -> float:
+    """FLOPs of the real tokens only: the linear layers plus attention over each sequence's own tokens."""
+    h, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    lengths = mask.sum(1).double()
+    linear = 2 * (4 * h * h + 2 * h * f) * lengths.sum()
+    attn = 4 * h * (lengths ** 2).sum()
+    return float(layers * (linear + attn))
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def contenders(folder: Path, backends, dtype, with_transformers: bool, compile: bool = False):
+    """{name: fn(ids, mask)}: one minibt model (backends switched in place, same weights) and transformers."""
+    import minibt
+    model = minibt.from_hub(folder, dtype=dtype, head="base")
+    out = {f"minibt {name}": (lambda ids, mask, name=name: model.set_attention(name)(ids, attention_mask=mask))
+           for name in backends}
+    if compile:
+        compiled = minibt.from_hub(folder, dtype=dtype, head="base").compile_layers()
+        for name in backends:
+            if name != "fused":
+                out[f"minibt {name} +compile"] = (lambda ids, mask, name=name:
+                                                  compiled.set_attention(name)(ids, attention_mask=mask))
+    if with_transformers:
+        import transformers
+        for impl in ("eager", "sdpa"):
+            ref = transformers.AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=impl).eval()
+            out[f"transformers {impl}"] = lambda ids, mask, ref=ref: ref(input_ids=ids, attention_mask=mask)
+    return out, model.config
+
+
+def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.75), dtype=torch.float32,
+        backends=("sdpa", "varlen", "fused", "auto"), reps=5, compile=False, progress=True):
+    """Returns (rows, peak GFLOP/s); each row: batch, length, padding, contender, ms, speedup vs transformers sdpa."""
+    try:
+        import transformers  # noqa: F401
+        with_tf = True
+    except ImportError:
+        with_tf = False
+    tmp = None
+    if model in SHAPES:
+        tmp = tempfile.TemporaryDirectory()
+        folder = random_checkpoint(model, Path(tmp.name))
+    else:
+        from .hub import resolve
+        folder = resolve(model)
+    models, cfg = contenders(folder, list(backends), dtype, with_tf, compile)
+    peak = matmul_peak(dtype)
+    grid = list(itertools.product(batches, lengths, paddings))
+    rows = []
+    started = time.perf_counter()
+    for i, (b, s, p) in enumerate(grid):
+        ids, mask = padded_batch(b, s, p, cfg.vocab_size)
+        times = {name: [] for name in models}
+        with torch.inference_mode():
+            for name, fn in models.items():       # warm-up (and a first compile) outside the timings
+                fn(ids, mask)
+            for _ in range(reps):
+                for name, fn in models.items():
+                    times[name].append(_time(lambda: fn(ids, mask)))
+        med = {name: statistics.median(t) for name, t in times.items()}
+        base = med.get("transformers sdpa")
+        flops = useful_flops(cfg, mask)
+        for name, t in med.items():
+            rows.append(dict(batch=b, length=s, padding=p, contender=name, ms=t * 1e3,
+                             speedup=base / t if base else float("nan"), gflops=flops / t / 1e9))
+        if progress:
+            done = i + 1
+            eta = (time.perf_counter() - started) / done * (len(grid) - done)
+            bar = "#" * (30 * done // len(grid))
+            print(f"\r[{bar:<30}] {done}/{len(grid)} B{b} S{s} pad {p:.2f}  eta {eta:4.0f}s", end="", file=sys.stderr,
+                  flush=True)
+    if progress:
+        print(file=sys.stderr)
+    if tmp:
+        tmp.cleanup()
+    return rows, peak
+
+
+def markdown(rows, peak, dtype) -> str:
+    lines = [f"fp matmul peak measured in this run ({str(dtype).removeprefix('torch.')}): {peak:.0f} GFLOP/s; "
+             "useful GFLOP/s counts real tokens only.", "",
+             "| batch | length | padding | contender | ms | speedup vs transformers sdpa | useful GFLOP/s | % of peak |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['length']} | {r['padding']:.2f} | {r['contender']} | {r['ms']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['gflops']:.0f} | {100 * r['gflops'] / peak:.0f}% |")
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'minibt[plot]'): no plot written", file=sys.stderr)
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (b, s), group in itertools.groupby(sorted(rows, key=lambda r: (r["batch"], r["length"], r["contender"])),
+                                           key=lambda r: (r["batch"], r["length"])):
+        group = list(group)
+        for name in sorted({r["contender"] for r in group}):
+            pts = sorted((r["padding"], r["speedup"]) for r in group if r["contender"] == name)
+            ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=f"{name} B{b} S{s}")
+    xs = [i / 100 for i in range(0, 80)]
+    ax.plot(xs, [1 / (1 - x) for x in xs], "k:", label="ideal 1/(1-padding)")
+    ax.set_xlabel("padding fraction")
+    ax.set_ylabel("speedup vs transformers sdpa")
+    ax.set_title(title)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
