@@ -35,7 +35,18 @@ def from_hub(name_or_path, attn: str = "auto", dtype=None, device="cpu", revisio
         model = cls.from_hf(config, head, set(present))
     load_weights(model, checkpoint, spec, dtype, device)
     model.source = folder
+    model.generation = generation_defaults(folder, config)
     return model.eval().set_attention(attn)
+
+
+def generation_defaults(folder, config: dict) -> dict:
+    """eos/pad token ids for generate(): config.json, overridden by generation_config.json when present."""
+    import json
+    out = {k: config.get(k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
+    path = folder / "generation_config.json"
+    if path.is_file():
+        out.update({k: v for k, v in json.loads(path.read_text()).items() if k in out and v is not None})
+    return out
 
 
 def _pick_head(config: dict, head: str, available) -> str:

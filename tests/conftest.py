@@ -19,6 +19,60 @@ ENCODERS = {
 }
 
 
+DECODERS = {
+    "opt-pre-ln": ("OPTForCausalLM", dict(hidden_size=32, ffn_dim=37, num_hidden_layers=2, num_attention_heads=4,
+                                          vocab_size=99, max_position_embeddings=64)),
+    "opt-post-ln-projected": ("OPTForCausalLM", dict(hidden_size=32, ffn_dim=37, num_hidden_layers=2,
+                                                     num_attention_heads=4, vocab_size=99, max_position_embeddings=64,
+                                                     word_embed_proj_dim=16, do_layer_norm_before=False)),
+    "llama-gqa": ("LlamaForCausalLM", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=99,
+                                           max_position_embeddings=64)),
+    "llama3-mqa-tied-bias-headdim": ("LlamaForCausalLM", dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16, vocab_size=99, max_position_embeddings=64, tie_word_embeddings=True, attention_bias=True,
+        mlp_bias=True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama-linear-rope": ("LlamaForCausalLM", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                   num_attention_heads=4, vocab_size=99, max_position_embeddings=64,
+                                                   rope_theta=500.0, rope_scaling={"rope_type": "linear",
+                                                                                   "factor": 2.0})),
+    "llama-dynamic-rope": ("LlamaForCausalLM", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                    num_attention_heads=4, vocab_size=99, max_position_embeddings=32,
+                                                    rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory):
+    """tiny_decoder(name) -> (folder, transformers causal LM in eval mode), from DECODERS."""
+    import transformers
+    cache = {}
+
+    def make(name: str):
+        if name not in cache:
+            arch, kw = DECODERS[name]
+            torch.manual_seed(100 + len(cache))
+            cfg_cls = transformers.OPTConfig if arch.startswith("OPT") else transformers.LlamaConfig
+            ref = getattr(transformers, arch)(cfg_cls(**kw)).eval()
+            folder = tmp_path_factory.mktemp(name)
+            ref.save_pretrained(folder, safe_serialization=True)
+            cache[name] = (folder, ref)
+        return cache[name]
+    return make
+
+
+def left_padded(vocab: int, pad_id: int, lengths=(9, 5, 1), seed=0):
+    """Left-padded prompts (decoders), with a length-1 row."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), width), generator=g)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, width - n:] = 1
+    return ids.masked_fill(mask == 0, pad_id), mask
+
+
 def encoder_config(family: str, **overrides):
     import transformers
     if family == "distilbert":

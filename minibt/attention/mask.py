@@ -56,7 +56,7 @@ class AttnMask:
     def _build(self, sq, skv):
         allowed = None
         device = self._device()
-        if self.causal:
+        if self.causal and not (sq == 1 and self.q_offset >= skv - 1):    # one query after every key: no constraint
             q_pos = torch.arange(sq, device=device)[:, None] + self.q_offset
             allowed = (torch.arange(skv, device=device)[None, :] <= q_pos)[None, None]      # (1, 1, Sq, Skv)
         if self.key_padding is not None:

@@ -56,7 +56,7 @@ class Batch:
     """The mask of one forward pass and, for backends that want it, the packing. Made once at the model's entry;
     `unpack` is the one exit (padding back, and exactly 0 at padded positions)."""
 
-    def __init__(self, attention_mask, shape, *, packed: bool, causal: bool):
+    def __init__(self, attention_mask, shape, *, packed: bool, causal: bool, q_offset: int = 0):
         real = None if attention_mask is None else attention_mask.bool()
         if real is not None and bool(real.all()):
             real = None
@@ -66,7 +66,7 @@ class Batch:
             self.mask = AttnMask(causal=causal, cu_seqlens=self.packing.cu_seqlens)
         else:
             self.packing = None
-            self.mask = AttnMask(real, causal=causal)
+            self.mask = AttnMask(real, causal=causal, q_offset=q_offset)
 
     def pack(self, t):
         """(B, S, ...) -> (1, T, ...) for packed backends; unchanged otherwise."""
@@ -75,7 +75,10 @@ class Batch:
     def unpack(self, t):
         if self.packing is not None:
             return self.packing.unpack(t)
-        return t if self.real is None else t.masked_fill(~self.real.view(*self.real.shape, *[1] * (t.dim() - 2)), 0)
+        if self.real is None:
+            return t
+        real = self.real[:, -t.shape[1]:]                # decode steps: the mask also covers cached tokens
+        return t.masked_fill(~real.view(*real.shape, *[1] * (t.dim() - 2)), 0)
 
 
 # `auto` (measured, docs/benchmarks.md "encoder_padding"): the packed path wins from this padding fraction up;

@@ -1,0 +1,70 @@
+"""What OPT and Llama share: the causal forward with left padding, the KV cache hook, the LM head, generate()."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import BackendError, InputError
+from .common import Batch, Model, Output, check_inputs
+
+
+class Decoder(Model):
+    """Subclasses define inputs(ids, positions) -> x, layers, final(x), lm_head, and rope(positions) if they use it."""
+
+    heads = ("base", "causal-lm")
+
+    def max_length(self) -> int:
+        return self.config.max_positions
+
+    def set_attention(self, name: str):
+        if name == "fused":
+            raise BackendError(f"attn='fused' is torch's fused encoder layer, for encoders (BERT, RoBERTa, "
+                               f"DistilBERT); {self.family} is a decoder: use 'varlen', 'sdpa' or 'auto'")
+        return super().set_attention(name)
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, Hkv, D): what a KV cache must hold."""
+        return self.config.num_layers, self.config.num_kv_heads, self.config.head_dim
+
+    def rope(self, positions):
+        return ()                                    # extra per-layer arguments derived from positions
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                output_attentions=False, last_only=False) -> Output:
+        """input_ids (B, S); attention_mask (B, past + S) covering cached and new tokens (left padding);
+        past_key_values: a KVCache (generate.py) that this call reads and extends."""
+        cache = past_key_values
+        past = cache.length if cache is not None else 0
+        b, s = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past + s, dtype=torch.long, device=input_ids.device)
+        if attention_mask.dim() != 2 or attention_mask.shape != (b, past + s):
+            raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+                             f"(batch, cached + new tokens) = {(b, past + s)}")
+        check_inputs(input_ids, None, vocab_size=self.config.vocab_size, max_length=self.max_length() - past)
+        if position_ids is None:   # left padding: a row's first real token is position 0
+            position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]
+        backend = self.route(attention_mask, output_attentions)
+        attend, probs = self.bind(backend, output_attentions)
+        # Only a prefill is packed; a decode step reads the padded KV cache (one query per row).
+        batch = Batch(attention_mask, (b, s), packed=backend.packed and past == 0, causal=True, q_offset=past)
+        positions = batch.pack(position_ids)
+        x = self.inputs(batch.pack(input_ids), positions)
+        extra = self.rope(positions)
+        for i, layer in enumerate(self.layers):
+            kv = cache.writer(i, batch.packing) if cache is not None else None
+            x = layer(x, batch.mask, attend, kv, *extra)
+        if cache is not None:
+            cache.length += s
+        x = self.final(x)
+        if last_only:
+            x = batch.unpack(x)[:, -1:]                                  # left padding: the last column is real
+            logits = self.lm_head(x) if self.lm_head is not None else None
+        else:
+            logits = batch.unpack(self.lm_head(x)) if self.lm_head is not None else None
+            x = batch.unpack(x)
+        return Output(x, logits, attentions=tuple(probs) if probs is not None else None, past_key_values=cache)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Prompt + new tokens, like transformers' generate; see minibt.generate.generate for the options."""
+        from ..generate import generate
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
