@@ -75,6 +75,33 @@ def cmd_fill_mask(args):
                 print(f"{p:.3f}  {text.replace(mask_text, tok.decode([i]).strip(), 1)}")
 
 
+def cmd_generate(args):
+    import minibt
+    if not args.model:
+        raise MinibtError("generate needs --model <hub id or folder of a causal LM> (OPT or Llama); the bundled "
+                          "default, all-MiniLM-L6-v2, is an encoder")
+    model = minibt.from_hub(args.model, attn=args.attn, dtype=args.dtype)
+    if getattr(model, "lm_head", None) is None:
+        raise MinibtError(f"{args.model}: not a causal LM checkpoint (no LM head); generate needs OPT or Llama")
+    tok = minibt.load_tokenizer(args.model)
+    batch = tok([args.prompt])
+    new = []
+    shown = ""
+
+    def stream(ids):                     # decode everything so far: multi-byte characters span tokens
+        nonlocal shown
+        new.append(int(ids[0]))
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(args.prompt, end="", flush=True)
+    model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=args.max_new_tokens,
+                   do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, streamer=stream)
+    print()
+
+
 def cmd_bench(args):
     import torch
     from . import bench
@@ -112,6 +139,17 @@ def parser():
     f.add_argument("texts", nargs="+")
     f.add_argument("--top-k", type=int, default=5)
     f.set_defaults(fn=cmd_fill_mask)
+    g = sub.add_parser("generate", help="stream a continuation of a prompt (OPT or Llama checkpoints)")
+    common(g)
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(fn=cmd_generate)
+
     b = sub.add_parser("bench", help="encoder time vs padding: minibt backends and transformers, same weights")
     b.add_argument("--model", default="bert-base", help="bert-base | bert-large | minilm (random weights) or a checkpoint")
     b.add_argument("--batch", type=int, nargs="+", default=[8])

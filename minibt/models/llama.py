@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -55,8 +56,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()                            # normalise in fp32, scale in the model's dtype (as HF Llama)
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # normalise in fp32, then scale in the model's dtype (as HF Llama does)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------ RoPE
@@ -95,8 +96,8 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, H, S, D); cos, sin (B, S, D). The checkpoint's own (rotate-half) layout: weights are never permuted."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    """x (B, S, H, D); cos, sin (B, S, D). The checkpoint's own (rotate-half) layout: weights are never permuted."""
+    return x * cos.unsqueeze(2) + rotate_half(x) * sin.unsqueeze(2)
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -117,9 +118,9 @@ class LlamaLayer(nn.Module):
 
     def forward(self, x, mask, attend, kv, cos, sin):
         b, s, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(self.split, dim=-1)
-        q = apply_rope(q.view(b, s, self.heads, self.head_dim).transpose(1, 2), cos, sin)        # (B, Hq, S, D)
-        k = apply_rope(k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)     # (B, Hkv, S, D)
+        qk, v = self.qkv(self.norm1(x)).split((self.split[0] + self.split[1], self.split[2]), dim=-1)
+        qk = apply_rope(qk.view(b, s, self.heads + self.kv_heads, self.head_dim), cos, sin)  # q and k in one go
+        q, k = qk.transpose(1, 2).split((self.heads, self.kv_heads), dim=1)       # (B, Hq, S, D), (B, Hkv, S, D)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         if kv is not None:
             k, v = kv(k, v)                                                                     # (B, Hkv, past + S, D)
