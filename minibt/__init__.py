@@ -16,8 +16,10 @@ HEAD_SUFFIXES = {"ForMaskedLM": "masked-lm", "ForPreTraining": "masked-lm", "For
                  "ForSequenceClassification": "sequence-classification"}
 
 
-def from_hub(name_or_path, attn: str = "auto", dtype=None, device="cpu", revision=None, head: str = "auto"):
-    """Load a hub repo id or a local folder (config.json + safetensors, single or sharded)."""
+def from_hub(name_or_path, attn: str = "auto", dtype=None, device="cpu", revision=None, head: str = "auto",
+             compile: bool = False):
+    """Load a hub repo id or a local folder (config.json + safetensors, single or sharded).
+    compile=True: torch.compile the dense half-layers of an encoder (model.compile_layers())."""
     from .models import MODEL_TYPES
     folder = resolve(name_or_path, revision)
     config = read_config(folder)
@@ -36,7 +38,12 @@ def from_hub(name_or_path, attn: str = "auto", dtype=None, device="cpu", revisio
     load_weights(model, checkpoint, spec, dtype, device)
     model.source = folder
     model.generation = generation_defaults(folder, config)
-    return model.eval().set_attention(attn)
+    model.eval().set_attention(attn)
+    if compile:
+        if not hasattr(model, "compile_layers"):
+            raise errors.BackendError(f"compile=True is implemented for encoders only, not {model.family} yet")
+        model.compile_layers()
+    return model
 
 
 def generation_defaults(folder, config: dict) -> dict:

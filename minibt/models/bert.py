@@ -67,9 +67,17 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
 
     def forward(self, x, mask, attend):
+        q, k, v = self.project(x)
+        return self.finish(x, attend(q, k, v, mask=mask, scale=self.head_dim ** -0.5))
+
+    # project and finish hold every matmul; torch.compile takes them whole (Bert.compile_layers), while the
+    # attention call between them, with its data-dependent masks and sequence bounds, stays eager.
+    def project(self, x):
+        b, s, _ = x.shape
+        return self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)     # 3 x (B, Hq, S, D)
+
+    def finish(self, x, a):
         b, s, h = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)   # 3 x (B, Hq, S, D)
-        a = attend(q, k, v, mask=mask, scale=self.head_dim ** -0.5)
         x = self.norm1(x + self.out(a.transpose(1, 2).reshape(b, s, h)))                        # (B, S, H)
         return self.norm2(x + self.down(self.act(self.up(x))))
 
@@ -134,6 +142,14 @@ class Bert(Model):
 
     def position_ids(self, input_ids, attention_mask):
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+    def compile_layers(self):
+        """torch.compile the dense half-layers (all matmuls, norms, activations); returns the model.
+        Works with every backend but `fused`; shapes are dynamic, so new batch sizes and lengths do not recompile."""
+        for layer in self.layers:
+            layer.project = torch.compile(layer.project, dynamic=True)
+            layer.finish = torch.compile(layer.finish, dynamic=True)
+        return self
 
     def set_attention(self, name: str):
         self.fused = None
