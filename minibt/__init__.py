@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 
 from . import attention, errors
+from .audit import audit
 from .embed import embed
 from .errors import ConfigError, MinibtError
 from .hub import resolve
 from .loading import Checkpoint, empty_model, load_weights, map_keys, pick_dtype, read_config, weights_map
 from .tokenizer import load_tokenizer
 
-__all__ = ["from_hub", "load_tokenizer", "embed", "attention", "errors", "MinibtError"]
+__all__ = ["from_hub", "load_tokenizer", "embed", "audit", "attention", "errors", "MinibtError"]
 
 HEAD_SUFFIXES = {"ForMaskedLM": "masked-lm", "ForPreTraining": "masked-lm", "ForCausalLM": "causal-lm",
                  "ForSequenceClassification": "sequence-classification"}

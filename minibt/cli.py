@@ -102,6 +102,26 @@ def cmd_generate(args):
     print()
 
 
+def cmd_audit(args):
+    import minibt
+    name = _model_arg(args.model)
+    model = minibt.from_hub(name, dtype=args.dtype)
+    tok = minibt.load_tokenizer(name)
+    backends = args.backends.split(",") if args.backends else None
+    result = minibt.audit(model, tok(args.texts), backends, out_dir=args.out)
+    print(result.table() if args.layers else result.table().split("\n\n")[0])
+    if args.out:
+        print(f"report: {Path(args.out) / 'report.md'}")
+
+
+def cmd_attend_map(args):
+    import minibt
+    from .attention_map import attention_map
+    name = _model_arg(args.model)
+    path = attention_map(minibt.from_hub(name), minibt.load_tokenizer(name), args.text, args.layer, args.head, args.out)
+    print(f"wrote {path}")
+
+
 def cmd_bench(args):
     import torch
     from . import bench
@@ -149,6 +169,22 @@ def parser():
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(fn=cmd_generate)
+
+    a = sub.add_parser("audit", help="every backend vs naive in float64, layer by layer: error, time, memory")
+    common(a)
+    a.add_argument("texts", nargs="+")
+    a.add_argument("--backends", help="comma-separated (default: every registered backend)")
+    a.add_argument("--out", help="write a report folder (report.md + PNG plots)")
+    a.add_argument("--layers", action="store_true", help="also print the per-layer table")
+    a.set_defaults(fn=cmd_audit)
+
+    m = sub.add_parser("attend-map", help="PNG heatmap of one head's attention probabilities")
+    common(m)
+    m.add_argument("text")
+    m.add_argument("--layer", type=int, default=0)
+    m.add_argument("--head", type=int, default=0)
+    m.add_argument("--out", default="attention.png")
+    m.set_defaults(fn=cmd_attend_map)
 
     b = sub.add_parser("bench", help="encoder time vs padding: minibt backends and transformers, same weights")
     b.add_argument("--model", default="bert-base", help="bert-base | bert-large | minilm (random weights) or a checkpoint")

@@ -49,10 +49,12 @@ from .naive import naive  # noqa: E402
 from .sdpa import sdpa  # noqa: E402
 from .flash import flash  # noqa: E402
 from .varlen import varlen  # noqa: E402
+from .tiled import tiled  # noqa: E402
 
 register("naive", naive, probs=True)
 register("sdpa", sdpa)
 register("flash", flash)
 register("varlen", varlen, packed=True)
+register("tiled", tiled)
 
-__all__ = ["AttnMask", "Backend", "backends", "get", "register", "naive", "sdpa", "flash", "varlen"]
+__all__ = ["AttnMask", "Backend", "backends", "get", "register", "naive", "sdpa", "flash", "varlen", "tiled"]

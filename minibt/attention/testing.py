@@ -1,0 +1,125 @@
+"""Conformance kit: check an attention backend against the naive spec over many generated cases.
+
+    from minibt.attention.testing import check_backend
+    report = check_backend(my_fn)            # raises BackendMismatch (with the report) on the first failing case
+
+Cases are drawn by hypothesis (a test dependency: pip install hypothesis): batch, heads with GQA groups, lengths,
+head dim, dtype (fp32, bf16), padding pattern (none, ragged right, left, fully padded rows, length-1 rows), causal or
+not, a decode step (queries offset inside the keys), the scale, and (for `packed` backends) the packed layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import BackendError
+from ..kernels.padding import Packing
+from .mask import AttnMask
+from .naive import naive
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+class BackendMismatch(BackendError):
+    """A backend disagreed with naive; the message is the report."""
+
+
+@dataclass
+class Report:
+    name: str
+    cases: int = 0
+    worst: dict = field(default_factory=dict)          # dtype -> (max abs error, case)
+    failure: str | None = None
+
+    def __str__(self):
+        lines = [f"backend {self.name}: {self.cases} cases, " + ("FAILED" if self.failure else "all within tolerance")]
+        for dtype, (err, case) in self.worst.items():
+            lines.append(f"  {str(dtype).removeprefix('torch.')}: worst max abs error {err:.2e} "
+                         f"(tolerance {TOLERANCE[dtype]:.0e}) at {case}")
+        if self.failure:
+            lines.append("  first failing case: " + self.failure)
+        return "\n".join(lines)
+
+
+def _case(draw):
+    from hypothesis import strategies as st
+    hkv = draw(st.integers(1, 3))
+    group = draw(st.sampled_from([1, 2, 4]))
+    b = draw(st.integers(1, 4))
+    skv = draw(st.integers(1, 40))
+    decode = draw(st.booleans())
+    sq = draw(st.integers(1, min(3, skv))) if decode else skv
+    causal = decode or draw(st.booleans())
+    pattern = draw(st.sampled_from(["none", "right", "left", "empty-row", "length-1"]))
+    lengths = [draw(st.integers(1, skv)) for _ in range(b)]
+    if pattern == "none":
+        lengths = [skv] * b
+    elif pattern == "empty-row":
+        lengths[draw(st.integers(0, b - 1))] = 0
+    elif pattern == "length-1":
+        lengths[0] = 1
+    return dict(b=b, hq=hkv * group, hkv=hkv, sq=sq, skv=skv, d=draw(st.sampled_from([8, 16, 32])),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), causal=causal,
+                left=pattern == "left" or (decode and pattern != "none"), lengths=lengths,
+                scale=draw(st.sampled_from([None, 0.1, 1.0])), seed=draw(st.integers(0, 2**16)))
+
+
+def _run(fn, packed: bool, c: dict):
+    """(backend output, naive output, real-row mask) for one case, both in the padded (B, Hq, Sq, D) layout."""
+    g = torch.Generator().manual_seed(c["seed"])
+    q = torch.randn(c["b"], c["hq"], c["sq"], c["d"], generator=g).to(c["dtype"])
+    k = torch.randn(c["b"], c["hkv"], c["skv"], c["d"], generator=g).to(c["dtype"])
+    v = torch.randn(c["b"], c["hkv"], c["skv"], c["d"], generator=g).to(c["dtype"])
+    keys = torch.zeros(c["b"], c["skv"], dtype=torch.bool)
+    for i, n in enumerate(c["lengths"]):
+        keys[i, slice(c["skv"] - n, c["skv"]) if c["left"] else slice(0, n)] = True
+    scale = c["scale"] if c["scale"] is not None else c["d"] ** -0.5
+    offset = c["skv"] - c["sq"]
+    want = naive(q, k, v, mask=AttnMask(keys, causal=c["causal"], q_offset=offset), scale=scale)
+    rows = keys[:, offset:]                                               # queries that are real tokens
+    if packed and offset == 0:                                            # packed backends take the packed layout
+        pack = Packing(keys)
+        pq, pk, pv = (pack.pack(t.transpose(1, 2)).transpose(1, 2) for t in (q, k, v))
+        got = fn(pq, pk, pv, mask=AttnMask(causal=c["causal"], cu_seqlens=pack.cu_seqlens), scale=scale)
+        got = pack.unpack(got.transpose(1, 2)).transpose(1, 2)
+    else:
+        got = fn(q, k, v, mask=AttnMask(keys, causal=c["causal"], q_offset=offset), scale=scale)
+    return got, want, rows
+
+
+def check_backend(fn, *, name: str | None = None, packed: bool = False, max_examples: int = 150) -> Report:
+    """Compare `fn(q, k, v, *, mask, scale)` to naive on generated cases; returns the Report or raises
+    BackendMismatch. Only real query rows are compared; a row with no key must be exactly zero."""
+    try:
+        from hypothesis import HealthCheck, given, settings
+        from hypothesis import strategies as st
+    except ImportError:
+        raise BackendError("check_backend needs hypothesis: pip install hypothesis") from None
+    report = Report(name or getattr(fn, "__name__", "backend"))
+
+    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.composite(_case)())
+    def one(c):
+        got, want, rows = _run(fn, packed, c)
+        report.cases += 1
+        shown = {k: (str(v).removeprefix("torch.") if k == "dtype" else v) for k, v in c.items()}
+        if got.shape != want.shape:
+            report.failure = f"output shape {tuple(got.shape)}, expected {tuple(want.shape)}; case {shown}"
+            raise AssertionError(report.failure)
+        if not torch.isfinite(got).all():
+            report.failure = f"non-finite output (NaN/inf); case {shown}"
+            raise AssertionError(report.failure)
+        err = (got.float() - want.float()).transpose(1, 2)[rows].abs().max().item() if rows.any() else 0.0
+        if err > report.worst.get(c["dtype"], (-1, None))[0]:
+            report.worst[c["dtype"]] = (err, shown)
+        if err > TOLERANCE[c["dtype"]]:
+            report.failure = f"max abs error {err:.2e} > {TOLERANCE[c['dtype']]:.0e}; case {shown}"
+            raise AssertionError(report.failure)
+
+    try:
+        one()
+    except AssertionError:
+        raise BackendMismatch(str(report)) from None
+    return report

@@ -1,0 +1,171 @@
+"""minibt.audit: every backend on the same weights and inputs, layer by layer against naive in float64."""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import attention
+from .attention import Backend
+from .kernels.padding import Packing
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}   # on max relative error
+
+
+@dataclass
+class AuditResult:
+    dtype: torch.dtype
+    layers: int
+    rows: list = field(default_factory=list)       # one dict per backend and layer
+    summary: dict = field(default_factory=dict)    # backend -> {ms, peak_mb, first_bad_layer, max_rel}
+
+    def table(self) -> str:
+        lines = [f"| backend | ms / forward | peak live MB | max rel. error (hidden) | first layer out of tolerance "
+                 f"({TOLERANCE[self.dtype]:.0e}) |", "|---|---|---|---|---|"]
+        for name, s in self.summary.items():
+            bad = "none" if s["first_bad_layer"] is None else str(s["first_bad_layer"])
+            lines.append(f"| {name} | {s['ms']:.1f} | {s['peak_mb']:.1f} | {s['max_rel']:.1e} | {bad} |")
+        lines += ["", "| backend | layer | attention max abs | attention max rel | hidden max abs | hidden max rel |",
+                  "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r['backend']} | {r['layer']} | {r['attn_abs']:.1e} | {r['attn_rel']:.1e} | "
+                         f"{r['hidden_abs']:.1e} | {r['hidden_rel']:.1e} |")
+        return "\n".join(lines)
+
+
+def _trace(model, backend: Backend, inputs: dict):
+    """Run one forward with `backend`; per layer: attention output and layer output, as real tokens (1, T, ...)."""
+    attn_out, hidden = [], []
+
+    def recording(q, k, v, *, mask, scale):
+        out = backend.fn(q, k, v, mask=mask, scale=scale)
+        attn_out.append(out.transpose(1, 2))                                    # (B|1, S|T, Hq, D)
+        return out
+    hooks = [layer.register_forward_hook(lambda m, a, out: hidden.append(out)) for layer in model.layers]
+    saved, saved_attn = model.backend, model.attn
+    model.backend = Backend(backend.name, recording, backend.packed)
+    try:
+        with torch.inference_mode():
+            model(**inputs)
+    finally:
+        model.backend, model.attn = saved, saved_attn
+        for h in hooks:
+            h.remove()
+    pack = Packing(inputs["attention_mask"].bool())
+    as_real = (lambda t: t) if backend.packed else pack.pack                    # compare real tokens only
+    return [as_real(a) for a in attn_out], [as_real(h) for h in hidden]
+
+
+def _peak_live_bytes(fn) -> int:
+    """Peak of live bytes allocated by torch ops during fn (CPU profiler; CUDA: the allocator's own peak)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import profile
+    with _quiet_stderr(), profile(profile_memory=True) as prof:     # the profiler's C++ side logs to fd 2
+        fn()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None) -> AuditResult:
+    """inputs: the model's keyword inputs (input_ids, attention_mask[, token_type_ids]). Reference: naive in
+    float64 on a copy of the model. Prints nothing; see AuditResult.table() and write_report()."""
+    inputs = dict(inputs)
+    inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+    names = list(backends) if backends else [n for n in attention.backends()]
+    dtype = next(model.parameters()).dtype
+    ref = copy.deepcopy(model).to(torch.float64)
+    ref_attn, ref_hidden = _trace(ref, attention.get("naive"), inputs)
+    result = AuditResult(dtype, len(model.layers))
+    saved_attn = model.attn
+    try:
+        for name in names:
+            backend = attention.get(name)
+            attn, hidden = _trace(model, backend, inputs)
+            first_bad, worst = None, 0.0
+            for i, (a, ra, h, rh) in enumerate(zip(attn, ref_attn, hidden, ref_hidden)):
+                row = dict(backend=name, layer=i,
+                           attn_abs=(a.double() - ra).abs().max().item(),
+                           hidden_abs=(h.double() - rh).abs().max().item())
+                row["attn_rel"] = row["attn_abs"] / max(ra.abs().max().item(), 1e-30)
+                row["hidden_rel"] = row["hidden_abs"] / max(rh.abs().max().item(), 1e-30)
+                worst = max(worst, row["hidden_rel"], row["attn_rel"])
+                if first_bad is None and max(row["hidden_rel"], row["attn_rel"]) > TOLERANCE[dtype]:
+                    first_bad = i
+                result.rows.append(row)
+            model.set_attention(name)
+            with torch.inference_mode():
+                model(**inputs)                                                 # warm-up
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    model(**inputs)
+                    times.append(time.perf_counter() - start)
+                peak = _peak_live_bytes(lambda: model(**inputs))
+            result.summary[name] = dict(ms=statistics.median(times) * 1e3, peak_mb=peak / 2**20,
+                                        first_bad_layer=first_bad, max_rel=worst)
+    finally:
+        model.set_attention(saved_attn)
+    if out_dir is not None:
+        write_report(result, Path(out_dir))
+    return result
+
+
+def write_report(result: AuditResult, folder: Path) -> Path:
+    """report.md, and PNG plots (errors by layer, time and memory by backend) when matplotlib is installed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = ["# minibt audit", "", f"dtype {str(result.dtype).removeprefix('torch.')}, reference: naive in float64.",
+            "", result.table(), ""]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        text.append("(matplotlib is not installed: no plots; pip install 'minibt[plot]')")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in result.summary:
+            pts = [(r["layer"], max(r["hidden_rel"], 1e-18)) for r in result.rows if r["backend"] == name]
+            ax.semilogy([p for p, _ in pts], [e for _, e in pts], marker="o", label=name)
+        ax.axhline(TOLERANCE[result.dtype], color="k", linestyle=":", label="tolerance")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("max relative error of hidden states vs naive fp64")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "errors.png", dpi=100)
+        for key, label, file in (("ms", "ms per forward", "time.png"), ("peak_mb", "peak live MB", "memory.png")):
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.bar(list(result.summary), [s[key] for s in result.summary.values()])
+            ax.set_ylabel(label)
+            fig.tight_layout()
+            fig.savefig(folder / file, dpi=100)
+        plt.close("all")
+        text += ["![errors by layer](errors.png)", "![time](time.png)", "![memory](memory.png)"]
+    (folder / "report.md").write_text("\n".join(text) + "\n")
+    return folder
