@@ -34,7 +34,17 @@ def cmd_embed(args):
     name = _model_arg(args.model)
     model = minibt.from_hub(name, attn=args.attn, dtype=args.dtype, head="base")
     tok = minibt.load_tokenizer(name)
-    vecs = minibt.embed(model, tok, args.texts, batch_size=args.batch_size)
+    if args.file:
+        from .embed_file import embed_file
+        if not args.out:
+            raise MinibtError("--file needs --out vectors.npy (or .jsonl)")
+        rows = embed_file(model, tok, args.file, Path(args.out), resume=args.resume, chunk=args.chunk,
+                          batch_tokens=args.batch_tokens)
+        print(f"{rows} vectors -> {args.out}")
+        return
+    if not args.texts:
+        raise MinibtError("give texts to embed, or --file corpus.txt --out vectors.npy")
+    vecs = minibt.embed(model, tok, args.texts, batch_tokens=args.batch_tokens)
     torch.set_printoptions(precision=4, sci_mode=False, linewidth=120)
     if args.vectors or len(args.texts) == 1:
         for text, v in zip(args.texts, vecs):
@@ -149,9 +159,13 @@ def parser():
 
     e = sub.add_parser("embed", help="sentence embeddings: cosine similarity matrix (or --vectors)")
     common(e)
-    e.add_argument("texts", nargs="+")
+    e.add_argument("texts", nargs="*")
     e.add_argument("--vectors", action="store_true", help="print the vectors instead of similarities")
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--file", help="embed every line of this file ('-' for stdin) into --out")
+    e.add_argument("--out", help="vectors.npy or vectors.jsonl (written incrementally)")
+    e.add_argument("--resume", action="store_true", help="continue an interrupted --file run")
+    e.add_argument("--chunk", type=int, default=2048, help="lines per chunk (memory bound, resume granularity)")
+    e.add_argument("--batch-tokens", type=int, default=8192, help="token budget of one forward pass")
     e.set_defaults(fn=cmd_embed)
 
     f = sub.add_parser("fill-mask", help="top predictions for [MASK] (needs a masked-LM checkpoint)")

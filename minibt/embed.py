@@ -1,4 +1,5 @@
-"""Sentence embeddings the sentence-transformers way: its pooling and Normalize modules, read from the checkpoint."""
+"""Sentence embeddings the sentence-transformers way (its pooling, Normalize and length settings, read from the
+checkpoint), computed at deployment speed: tokenise once, sort by token count, batch by a token budget."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 
 @dataclass
@@ -49,26 +50,39 @@ def pool(hidden, mask, how: str):
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+def token_batches(lengths, batch_tokens: int, batch_size: int | None = None):
+    """Indices grouped so that rows x longest row <= batch_tokens (and rows <= batch_size), shortest texts first."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batch = []
+    for i in order:                                    # ascending: the newcomer is the batch's longest row
+        full = batch_size is not None and len(batch) == batch_size
+        if batch and (full or (len(batch) + 1) * lengths[i] > batch_tokens):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
 @torch.inference_mode()
-def embed(model, tok, texts, batch_size: int = 32) -> torch.Tensor:
-    """(N, H) float32 vectors in the order of `texts`."""
+def embed(model, tok, texts, batch_size: int | None = None, batch_tokens: int = 8192) -> torch.Tensor:
+    """(N, H) float32 vectors in the order of `texts`. Texts longer than the checkpoint's max_seq_length are
+    truncated to it (as sentence-transformers does); an empty text is embedded as the empty string."""
     recipe = Recipe.read(getattr(model, "source", None))
-    texts = [t.lower() for t in texts] if recipe.lowercase else list(texts)
     limit = min(x for x in (recipe.max_seq_length, model.max_length()) if x)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    if batch_tokens < limit:
+        raise InputError(f"batch_tokens={batch_tokens} is below the longest possible text ({limit} tokens, "
+                         "max_seq_length): raise it")
+    texts = [t.lower() for t in texts] if recipe.lowercase else list(texts)
+    encs = tok.encode(texts, truncation=True, max_length=limit)
     out = torch.empty(len(texts), model.config.hidden_size)
-    for start in range(0, len(texts), batch_size):
-        idx = order[start:start + batch_size]
-        batch = tok([texts[i] for i in idx], truncation=True, max_length=limit)
-        batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+    device = next(model.parameters()).device
+    for idx in token_batches([len(e.ids) for e in encs], batch_tokens, batch_size):
+        batch = {k: v.to(device) for k, v in tok.pad([encs[i] for i in idx]).items()}
         hidden = model(**batch).last_hidden_state
         vecs = pool(hidden.float(), batch["attention_mask"], recipe.pooling)
-        out[idx] = F.normalize(vecs, dim=-1).cpu() if recipe.normalize else vecs.cpu()
+        out[idx] = (F.normalize(vecs, dim=-1) if recipe.normalize else vecs).cpu()
     return out
-
-
-def model_device(model):
-    return next(model.parameters()).device
 
 
 def _json(path: Path):

