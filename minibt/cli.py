@@ -165,7 +165,7 @@ def parser():
     e.add_argument("--out", help="vectors.npy or vectors.jsonl (written incrementally)")
     e.add_argument("--resume", action="store_true", help="continue an interrupted --file run")
     e.add_argument("--chunk", type=int, default=2048, help="lines per chunk (memory bound, resume granularity)")
-    e.add_argument("--batch-tokens", type=int, default=8192, help="token budget of one forward pass")
+    e.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one forward pass")
     e.set_defaults(fn=cmd_embed)
 
     f = sub.add_parser("fill-mask", help="top predictions for [MASK] (needs a masked-LM checkpoint)")

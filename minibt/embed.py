@@ -65,7 +65,7 @@ def token_batches(lengths, batch_tokens: int, batch_size: int | None = None):
 
 
 @torch.inference_mode()
-def embed(model, tok, texts, batch_size: int | None = None, batch_tokens: int = 8192) -> torch.Tensor:
+def embed(model, tok, texts, batch_size: int | None = None, batch_tokens: int = 4096) -> torch.Tensor:
     """(N, H) float32 vectors in the order of `texts`. Texts longer than the checkpoint's max_seq_length are
     truncated to it (as sentence-transformers does); an empty text is embedded as the empty string."""
     recipe = Recipe.read(getattr(model, "source", None))

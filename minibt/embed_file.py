@@ -84,7 +84,7 @@ class Writer:
         self.progress_path.unlink()
 
 
-def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, batch_tokens=8192,
+def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, batch_tokens=4096,
                progress=True) -> int:
     """Embed every line of `source` (a path, or '-' for stdin) into `out`; returns the number of rows."""
     stream = sys.stdin if source == "-" else open(source, encoding="utf-8")

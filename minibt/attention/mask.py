@@ -33,6 +33,18 @@ class AttnMask:
             self._cache["bounds"] = [(s, e) for s, e in zip(cu[:-1], cu[1:]) if e > s]
         return self._cache["bounds"]
 
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(start, count, length): consecutive packed sequences of equal length, which can share one batched call."""
+        if "runs" not in self._cache:
+            runs = []
+            for s, e in self.bounds():
+                if runs and runs[-1][2] == e - s and runs[-1][0] + runs[-1][1] * runs[-1][2] == s:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + 1, e - s)
+                else:
+                    runs.append((s, 1, e - s))
+            self._cache["runs"] = runs
+        return self._cache["runs"]
+
     def plain_causal(self, sq: int, skv: int) -> bool:
         """True when `is_causal=True` of SDPA (top-left aligned) is exactly this mask."""
         return self.causal and self.key_padding is None and not self.packed and self.q_offset == 0 and sq == skv

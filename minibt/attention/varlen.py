@@ -17,17 +17,12 @@ def varlen(q, k, v, *, mask: AttnMask, scale: float):
         # Decode steps read a padded KV cache with one query per row: nothing to unpad, so SDPA with the mask.
         return sdpa(q, k, v, mask=mask, scale=scale)
     gqa = q.shape[1] != k.shape[1]
-    bounds = mask.bounds()
-    n = bounds[0][1] - bounds[0][0] if bounds else 0
-    if bounds and all(e - s == n for s, e in bounds) and bounds[-1][1] == q.shape[2]:
-        # Every sequence has the same length (no padding at all): one batched call instead of a loop.
-        def split(t):
-            return t[0].unflatten(1, (len(bounds), n)).transpose(0, 1)        # (1, H, T, D) -> (B, H, S, D)
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=mask.causal, scale=scale,
-                                             enable_gqa=gqa)
-        return out.transpose(0, 1).flatten(1, 2).unsqueeze(0)
     out = torch.zeros_like(q)                          # (1, Hq, T, D); a fully padded row has no tokens at all
-    for s, e in bounds:
-        out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
-                                                        is_causal=mask.causal, scale=scale, enable_gqa=gqa)
+    for start, count, length in mask.runs():
+        # `count` sequences of the same length side by side: one batched call (B = count) instead of a loop
+        def seqs(t):
+            return t[0, :, start:start + count * length].unflatten(1, (count, length)).transpose(0, 1)  # (n, H, L, D)
+        o = F.scaled_dot_product_attention(seqs(q), seqs(k), seqs(v), is_causal=mask.causal, scale=scale,
+                                           enable_gqa=gqa)
+        out[0, :, start:start + count * length] = o.transpose(0, 1).flatten(1, 2)
     return out
