@@ -107,6 +107,7 @@ def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None)
     try:
         for name in names:
             backend = attention.get(name)
+            model.set_attention(name)                       # (also leaves attn="fused" and its whole-stack path)
             attn, hidden = _trace(model, backend, inputs)
             first_bad, worst = None, 0.0
             for i, (a, ra, h, rh) in enumerate(zip(attn, ref_attn, hidden, ref_hidden)):
@@ -119,7 +120,6 @@ def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None)
                 if first_bad is None and max(row["hidden_rel"], row["attn_rel"]) > TOLERANCE[dtype]:
                     first_bad = i
                 result.rows.append(row)
-            model.set_attention(name)
             with torch.inference_mode():
                 model(**inputs)                                                 # warm-up
                 times = []

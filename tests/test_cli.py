@@ -49,3 +49,17 @@ def test_fill_mask_on_a_masked_lm(tiny, minilm, tmp_path):
     pos = batch["input_ids"][0].tolist().index(tok.token_id("mask_token"))
     best = model(**batch).logits[0, pos].argmax().item()
     assert rows[0].split(None, 1)[1] == f"Paris is the {tok.decode([best]).strip()} of France."
+
+
+def test_bench_writes_table_and_plot(tmp_path):
+    """A tiny grid of the seed experiment: every contender timed, a markdown table and a PNG written."""
+    md, png = tmp_path / "bench.md", tmp_path / "bench.png"
+    r = run("bench", "--model", "minilm", "--batch", "2", "--length", "16", "--padding", "0", "0.5", "--reps", "1",
+            "--backends", "sdpa,varlen,fused,auto", "--out", str(md), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    table = md.read_text()
+    for contender in ("minibt sdpa", "minibt varlen", "minibt fused", "minibt auto", "transformers eager",
+                      "transformers sdpa"):
+        assert table.count(f"| {contender} |") == 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "2/2" in r.stderr                                                # the progress bar reached the end
