@@ -49,13 +49,14 @@ def _trace(model, backend: Backend, inputs: dict):
         attn_out.append(out.transpose(1, 2))                                    # (B|1, S|T, Hq, D)
         return out
     hooks = [layer.register_forward_hook(lambda m, a, out: hidden.append(out)) for layer in model.layers]
-    saved, saved_attn = model.backend, model.attn
+    saved = model.attn
+    model.set_attention(backend.name)                    # leaves attn="fused" (whole-stack path) if it was set
     model.backend = Backend(backend.name, recording, backend.packed)
     try:
         with torch.inference_mode():
             model(**inputs)
     finally:
-        model.backend, model.attn = saved, saved_attn
+        model.set_attention(saved)
         for h in hooks:
             h.remove()
     pack = Packing(inputs["attention_mask"].bool())
@@ -107,8 +108,8 @@ def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None)
     try:
         for name in names:
             backend = attention.get(name)
-            model.set_attention(name)                       # (also leaves attn="fused" and its whole-stack path)
             attn, hidden = _trace(model, backend, inputs)
+            model.set_attention(name)
             first_bad, worst = None, 0.0
             for i, (a, ra, h, rh) in enumerate(zip(attn, ref_attn, hidden, ref_hidden)):
                 row = dict(backend=name, layer=i,
