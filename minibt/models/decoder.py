@@ -33,6 +33,9 @@ class Decoder(Model):
                                f"DistilBERT); {self.family} is a decoder: use 'varlen', 'sdpa' or 'auto'")
         return super().set_attention(name)
 
+    def tied(self):
+        return {"lm_head.weight": "embed.weight"} if self.lm_head is not None and self.config.tie_word_embeddings else {}
+
     def kv_shape(self) -> tuple[int, int, int]:
         """(layers, Hkv, D): what a KV cache must hold."""
         return self.config.num_layers, self.config.num_kv_heads, self.config.head_dim

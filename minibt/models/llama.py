@@ -132,7 +132,6 @@ class LlamaLayer(nn.Module):
 
 class Llama(Decoder):
     family = "llama"
-    config_class = LlamaConfig
 
     def __init__(self, cfg: LlamaConfig, head: str = "causal-lm"):
         super().__init__()
@@ -149,9 +148,6 @@ class Llama(Decoder):
         if head == "causal-lm" and "lm_head.weight" not in keys:
             cfg.tie_word_embeddings = True          # checkpoints without lm_head.weight load tied
         return cls(cfg, head)
-
-    def tied(self):
-        return {"lm_head.weight": "embed.weight"} if self.lm_head is not None and self.config.tie_word_embeddings else {}
 
     def max_length(self) -> int:
         # linear / dynamic scaling stretch the trained positions by `factor`; llama3 configs already state the

@@ -72,7 +72,6 @@ class OPTLayer(nn.Module):
 
 class OPT(Decoder):
     family = "opt"
-    config_class = OPTConfig
 
     def __init__(self, cfg: OPTConfig, head: str = "causal-lm"):
         super().__init__()
@@ -90,9 +89,6 @@ class OPT(Decoder):
     @classmethod
     def from_hf(cls, config: dict, head: str, keys: set):
         return cls(OPTConfig.from_hf(config), head)
-
-    def tied(self):
-        return {"lm_head.weight": "embed.weight"} if self.lm_head is not None and self.config.tie_word_embeddings else {}
 
     def inputs(self, ids, positions):
         x = self.embed(ids)
