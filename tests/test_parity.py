@@ -134,3 +134,21 @@ def test_no_mask_and_left_padding(tiny):
         model.set_attention(attn)
         torch.testing.assert_close(model(ids).last_hidden_state, want, atol=1e-5, rtol=0)
         torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, spec, atol=1e-5, rtol=0)
+
+
+def test_auto_picks_only_valid_paths(tiny):
+    """auto: naive when probabilities are asked for, varlen with padding, sdpa without; never fused (even for a
+    gelu_new model the fused kernel would get wrong)."""
+    folder, ref = tiny("BertForMaskedLM", hidden_act="gelu_new")
+    model = minibt.from_hub(folder)
+    assert model.attn == "auto"
+    ids, mask = ragged_batch(99, 0)
+    assert model.route(mask, False).name == "varlen"
+    assert model.route(torch.ones_like(mask), False).name == "sdpa" and model.route(None, False).name == "sdpa"
+    assert model.route(mask, True).name == "naive"
+    out = model(ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == 2
+    want = reference(ref, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], want.logits[real], atol=1e-4, rtol=0)
+    assert model.fused is None

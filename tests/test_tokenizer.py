@@ -62,3 +62,22 @@ def test_truncation_needs_a_limit(tmp_path, minilm):
     tok.model_max_length = None
     with pytest.raises(InputError, match="max_length"):
         tok(["a b"], truncation=True)
+
+
+def test_opt_vocab_files_prepend_bos(tmp_path):
+    """OPT repos ship vocab.json + merges.txt only; every text starts with </s> (OPT's bos), as transformers does."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, vocab_size=300,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    bpe.save_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "</s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "</s>", "add_bos_token": True,
+        "tokenizer_class": "GPT2Tokenizer"}))
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tok = minibt.load_tokenizer(tmp_path)
+    for text in ["the quick fox", "lazy dogs jump"]:
+        assert tok([text])["input_ids"][0].tolist() == ref(text)["input_ids"]
+        assert tok([text])["input_ids"][0, 0] == tok.token_id("bos_token")
