@@ -55,3 +55,26 @@ def test_bf16_embeddings_close_to_fp32(minilm):
     a = minibt.embed(minibt.from_hub(minilm), tok, TEXTS)
     b = minibt.embed(minibt.from_hub(minilm, dtype=torch.bfloat16), tok, TEXTS)
     assert F.cosine_similarity(a, b).min() > 0.999
+
+
+@pytest.mark.parametrize("mode", ["cls", "max", "mean"])
+def test_pooling_modes_from_the_checkpoint(minilm, tmp_path, mode):
+    """1_Pooling/config.json picks the pooling; modules.json without Normalize leaves vectors unnormalised."""
+    import json
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(minilm, folder)
+    flags = {f"pooling_mode_{m}": False for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")}
+    flags[{"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens"}[mode]] = True
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384, **flags}))
+    modules = [m for m in json.loads((folder / "modules.json").read_text()) if not m["type"].endswith("Normalize")]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    assert Recipe.read(folder) == Recipe(pooling=mode, normalize=False, max_seq_length=256)
+    model, tok = minibt.from_hub(folder), minibt.load_tokenizer(folder)
+    got = minibt.embed(model, tok, TEXTS[:4])
+    batch = tok(TEXTS[:4])
+    hidden = model(**batch).last_hidden_state
+    real = batch["attention_mask"].bool().unsqueeze(-1)
+    want = {"cls": hidden[:, 0], "max": hidden.masked_fill(~real, float("-inf")).amax(1),
+            "mean": (hidden * real).sum(1) / real.sum(1)}[mode]
+    assert (got - want).abs().max() < 1e-5
