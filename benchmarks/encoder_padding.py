@@ -10,6 +10,7 @@ import argparse
 
 import torch
 
+import hf_contenders
 from _report import write_section
 from minibt import bench
 
@@ -48,7 +49,8 @@ def main():
     body = ["bert-base shape (random weights, the same for every contender), `transformers` eager and sdpa in the "
             "same run. Contenders run interleaved, median of the repetitions."]
     for title, kw in runs:
-        rows, peak = bench.run("bert-base", backends=FIXED + ("auto",), reps=args.reps, **kw)
+        rows, peak = bench.run("bert-base", backends=FIXED + ("auto",), reps=args.reps,
+                               others=hf_contenders.contenders, **kw)
         body += [f"### {title}", "", bench.markdown(rows, peak, kw["dtype"]), "", *check(rows), ""]
     write_section("encoder_padding", "\n".join(body))
 

@@ -1,14 +1,15 @@
-"""`minibt bench`: encoder time vs padding, every minibt backend and transformers on the same weights and inputs.
+"""`minibt bench`: encoder time vs padding, every minibt backend (and, through `--with`, other libraries) on the
+same weights and inputs.
 
 The seed experiment as a command: batch x length x padding fraction, interleaved runs (each repetition runs every
-contender once, in turn), median times, speedup against transformers' sdpa measured in the same run.
+contender once, in turn), median times, speedup against transformers' sdpa measured in the same run when
+`--with benchmarks.hf_contenders` adds transformers (minibt never imports it), else against minibt's sdpa.
 """
 from __future__ import annotations
 
 import itertools
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,11 +35,24 @@ def padded_batch(batch: int, length: int, padding: float, vocab: int, seed: int 
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def random_checkpoint(shape: str, folder: Path) -> Path:
-    import transformers
+def random_model(shape: str, dtype):
+    """A bert-shaped minibt model with random weights (no checkpoint, no download)."""
+    from .models.bert import Bert, BertConfig
+    c = SHAPES[shape]
     torch.manual_seed(0)
-    transformers.BertModel(transformers.BertConfig(**SHAPES[shape])).save_pretrained(folder, safe_serialization=True)
-    return folder
+    cfg = BertConfig(30522, c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["intermediate_size"])
+    return Bert(cfg, pooler=False).to(dtype).eval()
+
+
+def load_contenders(spec: str | None):
+    """`--with module:function`: a function(shape_or_checkpoint, dtype) -> (folder or None, {name: fn(ids, mask)})
+    that adds other libraries' runs (benchmarks/hf_contenders.py adds transformers). minibt itself never imports
+    them. When it returns a folder, minibt loads the same weights from it."""
+    if not spec:
+        return None
+    import importlib
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function or "contenders")
 
 
 def matmul_peak(dtype, n=1024, k=768, m=3072, reps=5) -> float:
@@ -64,42 +78,34 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def contenders(folder: Path, backends, dtype, with_transformers: bool, compile: bool = False):
-    """{name: fn(ids, mask)}: one minibt model (backends switched in place, same weights) and transformers."""
-    import minibt
-    model = minibt.from_hub(folder, dtype=dtype, head="base")
+def contenders(model, backends, compile_model=None):
+    """{name: fn(ids, mask)}: one minibt model, backends switched in place (same weights)."""
     out = {f"minibt {name}": (lambda ids, mask, name=name: model.set_attention(name)(ids, attention_mask=mask))
            for name in backends}
-    if compile:
-        compiled = minibt.from_hub(folder, dtype=dtype, head="base").compile_layers()
+    if compile_model is not None:
         for name in backends:
             if name != "fused":
                 out[f"minibt {name} +compile"] = (lambda ids, mask, name=name:
-                                                  compiled.set_attention(name)(ids, attention_mask=mask))
-    if with_transformers:
-        import transformers
-        for impl in ("eager", "sdpa"):
-            ref = transformers.AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=impl).eval()
-            out[f"transformers {impl}"] = lambda ids, mask, ref=ref: ref(input_ids=ids, attention_mask=mask)
-    return out, model.config
+                                                  compile_model.set_attention(name)(ids, attention_mask=mask))
+    return out
 
 
 def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.75), dtype=torch.float32,
-        backends=("sdpa", "varlen", "fused", "auto"), reps=5, compile=False, progress=True):
-    """Returns (rows, peak GFLOP/s); each row: batch, length, padding, contender, ms, speedup vs transformers sdpa."""
-    try:
-        import transformers  # noqa: F401
-        with_tf = True
-    except ImportError:
-        with_tf = False
-    tmp = None
-    if model in SHAPES:
-        tmp = tempfile.TemporaryDirectory()
-        folder = random_checkpoint(model, Path(tmp.name))
+        backends=("sdpa", "varlen", "fused", "auto"), reps=5, compile=False, progress=True, others=None):
+    """Returns (rows, peak GFLOP/s); each row: batch, length, padding, contender, ms, and the speedup over the
+    baseline ("transformers sdpa" when `others` adds it, else "minibt sdpa")."""
+    from . import from_hub
+    folder, extra = others(model, dtype) if others else (None, {})
+    if folder is None and model not in SHAPES:
+        folder = model
+    if folder is not None:
+        ours = from_hub(folder, dtype=dtype, head="base")
+        twin = from_hub(folder, dtype=dtype, head="base").compile_layers() if compile else None
     else:
-        from .hub import resolve
-        folder = resolve(model)
-    models, cfg = contenders(folder, list(backends), dtype, with_tf, compile)
+        ours = random_model(model, dtype)
+        twin = random_model(model, dtype).compile_layers() if compile else None
+    models = {**contenders(ours, list(backends), twin), **extra}
+    cfg = ours.config
     peak = matmul_peak(dtype)
     grid = list(itertools.product(batches, lengths, paddings))
     rows = []
@@ -114,7 +120,7 @@ def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.7
                 for name, fn in models.items():
                     times[name].append(_time(lambda: fn(ids, mask)))
         med = {name: statistics.median(t) for name, t in times.items()}
-        base = med.get("transformers sdpa")
+        base = med.get("transformers sdpa", med.get("minibt sdpa"))
         flops = useful_flops(cfg, mask)
         for name, t in med.items():
             rows.append(dict(batch=b, length=s, padding=p, contender=name, ms=t * 1e3,
@@ -127,15 +133,14 @@ def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.7
                   flush=True)
     if progress:
         print(file=sys.stderr)
-    if tmp:
-        tmp.cleanup()
     return rows, peak
 
 
 def markdown(rows, peak, dtype) -> str:
+    baseline = "transformers sdpa" if any(r["contender"] == "transformers sdpa" for r in rows) else "minibt sdpa"
     lines = [f"fp matmul peak measured in this run ({str(dtype).removeprefix('torch.')}): {peak:.0f} GFLOP/s; "
              "useful GFLOP/s counts real tokens only.", "",
-             "| batch | length | padding | contender | ms | speedup vs transformers sdpa | useful GFLOP/s | % of peak |",
+             f"| batch | length | padding | contender | ms | speedup vs {baseline} | useful GFLOP/s | % of peak |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['length']} | {r['padding']:.2f} | {r['contender']} | {r['ms']:.1f} | "
@@ -161,7 +166,7 @@ def plot(rows, path: Path, title: str) -> Path | None:
     xs = [i / 100 for i in range(0, 80)]
     ax.plot(xs, [1 / (1 - x) for x in xs], "k:", label="ideal 1/(1-padding)")
     ax.set_xlabel("padding fraction")
-    ax.set_ylabel("speedup vs transformers sdpa")
+    ax.set_ylabel("speedup vs the baseline (transformers sdpa when compared)")
     ax.set_title(title)
     ax.legend(fontsize=6)
     fig.tight_layout()

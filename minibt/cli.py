@@ -139,7 +139,7 @@ def cmd_bench(args):
     if args.full:                                     # the seed's grid
         args.batch, args.length, args.padding = [8, 16, 64], [64, 128, 256], [0, 0.1, 0.2, 0.5, 0.75]
     rows, peak = bench.run(args.model, args.batch, args.length, args.padding, dtype, args.backends.split(","),
-                           args.reps, compile=args.compile)
+                           args.reps, compile=args.compile, others=bench.load_contenders(args.others))
     table = bench.markdown(rows, peak, dtype)
     print(table)
     if args.out:
@@ -208,6 +208,8 @@ def parser():
     b.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16"])
     b.add_argument("--backends", default="sdpa,varlen,fused,auto")
     b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--with", dest="others", metavar="MODULE[:FUNCTION]",
+                   help="add other libraries' contenders, e.g. benchmarks.hf_contenders (transformers, from the repo)")
     b.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
     b.add_argument("--full", action="store_true", help="the seed's grid: batch 8/16/64 x length 64/128/256 x 5 paddings")
     b.add_argument("--out", help="write the markdown table here")

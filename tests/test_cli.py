@@ -7,8 +7,12 @@ import torch
 import minibt
 
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "minibt.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "minibt.cli", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
 
 
 def test_embed_similarity_on_bundled_model(minilm):
@@ -55,7 +59,8 @@ def test_bench_writes_table_and_plot(tmp_path):
     """A tiny grid of the seed experiment: every contender timed, a markdown table and a PNG written."""
     md, png = tmp_path / "bench.md", tmp_path / "bench.png"
     r = run("bench", "--model", "minilm", "--batch", "2", "--length", "16", "--padding", "0", "0.5", "--reps", "1",
-            "--backends", "sdpa,varlen,fused,auto", "--out", str(md), "--plot", str(png))
+            "--backends", "sdpa,varlen,fused,auto", "--with", "benchmarks.hf_contenders", "--out", str(md),
+            "--plot", str(png))
     assert r.returncode == 0, r.stderr
     table = md.read_text()
     for contender in ("minibt sdpa", "minibt varlen", "minibt fused", "minibt auto", "transformers eager",
@@ -63,3 +68,6 @@ def test_bench_writes_table_and_plot(tmp_path):
         assert table.count(f"| {contender} |") == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "2/2" in r.stderr                                                # the progress bar reached the end
+    assert "speedup vs transformers sdpa" in table
+    alone = run("bench", "--model", "minilm", "--batch", "2", "--length", "16", "--padding", "0.5", "--reps", "1")
+    assert alone.returncode == 0 and "speedup vs minibt sdpa" in alone.stdout and "transformers" not in alone.stdout
