@@ -188,3 +188,17 @@ def test_decoder_bf16(tiny_decoder, attn):
     got = model(ids, attention_mask=mask).logits.float()
     real = mask.bool()
     assert (got[real] - want[real]).abs().max() < 3e-2 * want[real].abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_paths_agree_with_linear(rows, bias):
+    """bf16 one-token (mv) and few-token (W @ x^T) paths compute the same product as nn.Linear."""
+    from minibt.models.decoder import DecodeLinear
+    torch.manual_seed(0)
+    lin = DecodeLinear(64, 96, bias=bias).to(torch.bfloat16)
+    x = torch.randn(rows, 1, 64).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+    got = lin(x)
+    assert got.shape == (rows, 1, 96) and got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()

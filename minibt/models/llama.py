@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .common import activation
-from .decoder import Decoder, OneTokenLinear
+from .decoder import Decoder, DecodeLinear
 
 
 @dataclass
@@ -108,12 +108,12 @@ class LlamaLayer(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.qkv = OneTokenLinear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)      # q, k, v in one matmul
-        self.out = OneTokenLinear(q, cfg.hidden_size, bias=cfg.attention_bias)
+        self.qkv = DecodeLinear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)      # q, k, v in one matmul
+        self.out = DecodeLinear(q, cfg.hidden_size, bias=cfg.attention_bias)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gate_up = OneTokenLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gate_up = DecodeLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.act = activation(cfg.hidden_act, "hidden_act")
-        self.down = OneTokenLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.down = DecodeLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.split = (q, kv, kv)
 
     def forward(self, x, mask, attend, kv, cos, sin):
@@ -139,7 +139,7 @@ class Llama(Decoder):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = OneTokenLinear(cfg.hidden_size, cfg.vocab_size, bias=False) if head == "causal-lm" else None
+        self.lm_head = DecodeLinear(cfg.hidden_size, cfg.vocab_size, bias=False) if head == "causal-lm" else None
         self.set_attention("auto")
 
     @classmethod

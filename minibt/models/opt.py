@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .common import activation
-from .decoder import Decoder, OneTokenLinear
+from .decoder import Decoder, DecodeLinear
 
 # Why 2: fairseq reserved the first two rows of the position table (padding_idx + 1); hub checkpoints keep them.
 POSITION_OFFSET = 2
@@ -50,12 +50,12 @@ class OPTLayer(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.heads, self.head_dim, self.pre = cfg.num_heads, cfg.head_dim, cfg.pre_norm
-        self.qkv = OneTokenLinear(h, 3 * h, bias=cfg.bias)
-        self.out = OneTokenLinear(h, h, bias=cfg.bias)
+        self.qkv = DecodeLinear(h, 3 * h, bias=cfg.bias)
+        self.out = DecodeLinear(h, h, bias=cfg.bias)
         self.norm1 = nn.LayerNorm(h)
-        self.up = OneTokenLinear(h, cfg.ffn_dim, bias=cfg.bias)
+        self.up = DecodeLinear(h, cfg.ffn_dim, bias=cfg.bias)
         self.act = activation(cfg.act, "activation_function")
-        self.down = OneTokenLinear(cfg.ffn_dim, h, bias=cfg.bias)
+        self.down = DecodeLinear(cfg.ffn_dim, h, bias=cfg.bias)
         self.norm2 = nn.LayerNorm(h)
 
     def forward(self, x, mask, attend, kv):
@@ -79,11 +79,11 @@ class OPT(Decoder):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         self.positions = nn.Embedding(cfg.max_positions + POSITION_OFFSET, cfg.hidden_size)
         projected = cfg.embed_dim != cfg.hidden_size
-        self.project_in = OneTokenLinear(cfg.embed_dim, cfg.hidden_size, bias=False) if projected else None
+        self.project_in = DecodeLinear(cfg.embed_dim, cfg.hidden_size, bias=False) if projected else None
         self.layers = nn.ModuleList(OPTLayer(cfg) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size) if cfg.final_norm else None
-        self.project_out = OneTokenLinear(cfg.hidden_size, cfg.embed_dim, bias=False) if projected else None
-        self.lm_head = OneTokenLinear(cfg.embed_dim, cfg.vocab_size, bias=False) if head == "causal-lm" else None
+        self.project_out = DecodeLinear(cfg.hidden_size, cfg.embed_dim, bias=False) if projected else None
+        self.lm_head = DecodeLinear(cfg.embed_dim, cfg.vocab_size, bias=False) if head == "causal-lm" else None
         self.set_attention("auto")
 
     @classmethod
