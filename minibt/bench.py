@@ -51,6 +51,9 @@ def load_contenders(spec: str | None):
     if not spec:
         return None
     import importlib
+    import os
+    if os.getcwd() not in sys.path:          # a module of the current folder (the checkout), as with `python -m`
+        sys.path.insert(0, os.getcwd())
     module, _, function = spec.partition(":")
     return getattr(importlib.import_module(module), function or "contenders")
 
