@@ -1,7 +1,6 @@
 """minibt: BERT, RoBERTa, DistilBERT, OPT and Llama in plain PyTorch, every attention call through one interface."""
 from __future__ import annotations
 
-import torch
 
 from . import attention, errors
 from .audit import audit

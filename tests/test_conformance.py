@@ -1,6 +1,5 @@
 """The conformance kit passes every built-in backend and catches broken ones."""
 import pytest
-import torch
 import torch.nn.functional as F
 
 from minibt import attention

@@ -5,7 +5,6 @@ path one sequence at a time and was 8-10x slower than padded SDPA, while a loop 
 calls over the offsets was ~2x faster at 50% padding. So: the loop. (On CUDA, SDPA on jagged tensors reaches
 the flash varlen kernel; that path is not written yet because it cannot be measured or tested here.)
 """
-import torch
 import torch.nn.functional as F
 
 from .mask import AttnMask
