@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, InputError
+from .kernels.malloc import keep_freed_memory
 
 
 @dataclass
@@ -67,7 +68,9 @@ def token_batches(lengths, batch_tokens: int, batch_size: int | None = None):
 @torch.inference_mode()
 def embed(model, tok, texts, batch_size: int | None = None, batch_tokens: int = 4096) -> torch.Tensor:
     """(N, H) float32 vectors in the order of `texts`. Texts longer than the checkpoint's max_seq_length are
-    truncated to it (as sentence-transformers does); an empty text is embedded as the empty string."""
+    truncated to it (as sentence-transformers does); an empty text is embedded as the empty string.
+    Freed activation memory is kept for reuse, process-wide (kernels/malloc.py; MINIBT_KEEP_MEMORY=0: off)."""
+    keep_freed_memory()
     recipe = Recipe.read(getattr(model, "source", None))
     limit = min(x for x in (recipe.max_seq_length, model.max_length()) if x)
     if batch_tokens < limit:
