@@ -201,4 +201,5 @@ def test_decode_linear_paths_agree_with_linear(rows, bias):
     want = torch.nn.functional.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
     got = lin(x)
     assert got.shape == (rows, 1, 96) and got.dtype == torch.bfloat16
+    assert got.is_contiguous()      # row-major, as linear's: a column-major q sends SDPA to its slow math path
     assert (got.float() - want).abs().max() < 0.05 * want.abs().max()

@@ -11,14 +11,16 @@ from .common import Batch, Model, Output, check_inputs
 class DecodeLinear(nn.Linear):
     """nn.Linear with faster paths for the few-token products of bf16 decoding. Measured on this CPU (torch 2.13),
     all linear layers of one SmolLM2-135M step: 1 token via torch.mv 16 ms vs 23 ms via linear; 2-16 tokens as
-    W @ x^T 16 ms vs 23-26 ms (linear's small-M bf16 path is slow). fp32 and larger batches: plain linear."""
+    W @ x^T 16 ms vs 23-26 ms (linear's small-M bf16 path is slow), its output copied back to row-major: a
+    column-major q sends SDPA to its math path (a bf16 batch-4 step took 32 ms instead of 25 ms). fp32 and larger
+    batches: plain linear."""
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         if self.weight.dtype != torch.bfloat16 or rows > 16 or rows == 0:
             return super().forward(x)
         flat = x.reshape(rows, -1)
-        y = torch.mv(self.weight, flat[0])[None] if rows == 1 else torch.mm(self.weight, flat.t()).t()
+        y = torch.mv(self.weight, flat[0])[None] if rows == 1 else torch.mm(self.weight, flat.t()).t().contiguous()
         return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
 
 
