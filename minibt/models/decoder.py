@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackendError, InputError
@@ -16,12 +17,14 @@ class DecodeLinear(nn.Linear):
     batches: plain linear."""
 
     def forward(self, x):
-        rows = x.numel() // x.shape[-1]
-        if self.weight.dtype != torch.bfloat16 or rows > 16 or rows == 0:
-            return super().forward(x)
-        flat = x.reshape(rows, -1)
-        y = torch.mv(self.weight, flat[0])[None] if rows == 1 else torch.mm(self.weight, flat.t()).t().contiguous()
-        return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
+        w, k = self.weight, self.in_features
+        if w.dtype != torch.bfloat16 or not 0 < x.numel() <= 16 * k:
+            return F.linear(x, w, self.bias)
+        if x.numel() == k:
+            y = torch.mv(w, x.reshape(k))
+        else:
+            y = torch.mm(w, x.reshape(-1, k).t()).t().contiguous()
+        return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], self.out_features)
 
 
 class Decoder(Model):
