@@ -1,10 +1,12 @@
 """Keep freed activation memory for reuse instead of handing it back to the OS.
 
 glibc serves large blocks with mmap and trims the top of its heap on free, so every forward pass gets fresh pages for
-its multi-MB activations, and each fresh page costs a page fault on first write. On this VM that was up to 9 ms for
-one (3944, 1536) bf16 GELU output that computes in 1.2 ms warm; embedding the 4,000-text benchmark corpus took 365k
-minor faults per run (1.5 GB of first touches). With the two settings below: 0 faults, bf16 texts/s +10%
-(fp32 within noise: there the GEMMs dominate). See docs/benchmarks.md (embed_corpus).
+its multi-MB activations, and each fresh page costs a page fault on first write. On this VM a (3944, 1536) bf16
+GELU took 6.8 ms into fresh pages and 1.3-2 ms into reused ones; embedding the 4,000-text corpus of
+benchmarks/embed_corpus.py took 366k minor faults per run (1.5 GB of first touches). With the two settings below:
+under 10 faults per run after the first, bf16 texts/s +5-10% (973-1071 vs 920-932 over repeated runs; fp32 within
+noise, the GEMMs dominate there). Placement still varies, so a repeated run sometimes faults thousands of pages in
+again (2 of 6 processes embedding 600 texts), against 24k-1.1M per run without the settings.
 
 The setting is process-wide and raises resident memory to the peak of what the process has used, which it keeps.
 `minibt.embed` applies it; MINIBT_KEEP_MEMORY=0 turns it off. Other C libraries: nothing is done.
