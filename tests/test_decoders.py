@@ -203,3 +203,25 @@ def test_decode_linear_paths_agree_with_linear(rows, bias):
     assert got.shape == (rows, 1, 96) and got.dtype == torch.bfloat16
     assert got.is_contiguous()      # row-major, as linear's: a column-major q sends SDPA to its slow math path
     assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 100, 576])
+def test_rmsnorm_matches_the_textbook_formula(dtype, dim):
+    """Llama's RMSNorm (one LayerNorm over [x, -x]) against HF's written-out steps: fp32 statistics, the normalised
+    value rounded to the model's dtype, then times the weight. bf16: bit-identical; fp32: within 1e-6."""
+    from minibt.models.llama import RMSNorm
+    torch.manual_seed(0)
+    norm = RMSNorm(dim, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(dim) + 0.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 7, dim) * torch.rand(3, 7, 1) * 10).to(dtype)
+    h = x.float()
+    want = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    got = norm(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        assert (got - want).abs().max() < 1e-6 * max(1.0, want.abs().max().item())

@@ -56,8 +56,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # normalise in fp32, then scale in the model's dtype (as HF Llama does)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        """x / sqrt(mean(x^2) + eps) with fp32 statistics, rounded to x's dtype, then times the weight (HF's order).
+
+        Written as one LayerNorm over [x, -x]: that vector has mean 0 and variance mean(x^2), so LayerNorm divides by
+        exactly the RMS, in one fused kernel that keeps its statistics in fp32 and returns x's dtype. The plain
+        form, `w * F.rms_norm(x.float(), ...).to(x.dtype)`, is about eight kernels on CPU; a decode step pays per
+        kernel, and this saved 1.4-1.6 ms of a 25-46 ms SmolLM2-135M step (fp32 and bf16, batch 1 and 4). bf16
+        output is bit-identical to the plain form; fp32 differs by under 1e-6 (tests/test_decoders.py)."""
+        d = x.shape[-1]
+        return self.weight * F.layer_norm(torch.cat((x, -x), dim=-1), (2 * d,), eps=self.eps)[..., :d]
 
 
 # ------------------------------------------------------------------------------------------------------ RoPE
