@@ -58,11 +58,12 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         """x / sqrt(mean(x^2) + eps) with fp32 statistics, rounded to x's dtype, then times the weight (HF's order).
 
-        Written as one LayerNorm over [x, -x]: that vector has mean 0 and variance mean(x^2), so LayerNorm divides by
-        exactly the RMS, in one fused kernel that keeps its statistics in fp32 and returns x's dtype. The plain
-        form, `w * F.rms_norm(x.float(), ...).to(x.dtype)`, is about eight kernels on CPU; a decode step pays per
-        kernel, and this saved 1.4-1.6 ms of a 25-46 ms SmolLM2-135M step (fp32 and bf16, batch 1 and 4). bf16
-        output is bit-identical to the plain form; fp32 differs by under 1e-6 (tests/test_decoders.py)."""
+        Written as one LayerNorm over [x, -x]: that vector has mean 0 and variance mean(x^2), so LayerNorm divides
+        by the RMS (exactly, in exact arithmetic) in one fused kernel that keeps its statistics in fp32 and returns
+        x's dtype. The plain form, `w * F.rms_norm(x.float(), ...).to(x.dtype)`, is about eight kernels on CPU; a
+        decode step pays per kernel, and this saved 1.4-1.6 ms of a 25-46 ms SmolLM2-135M step (fp32 and bf16,
+        batch 1 and 4). bf16 output is bit-identical to the plain form; fp32 differs by under 1e-6
+        (tests/test_decoders.py)."""
         d = x.shape[-1]
         return self.weight * F.layer_norm(torch.cat((x, -x), dim=-1), (2 * d,), eps=self.eps)[..., :d]
 
