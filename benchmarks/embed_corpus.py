@@ -113,8 +113,8 @@ def main():
     args = ap.parse_args()
     import minibt
     from sentence_transformers import SentenceTransformer
-    from minibt.cli import bundled_model
-    from minibt.bench import matmul_peak
+    from minibt.hub import bundled_model
+    from minibt.tools.bench import matmul_peak
     folder = bundled_model()
     texts = stdlib_corpus(args.n)
     tok = minibt.load_tokenizer(folder)

@@ -12,7 +12,7 @@ import torch
 
 import hf_contenders
 from _report import write_section
-from minibt import bench
+from minibt.tools import bench
 
 GOALS = {0.0: 1.0, 0.5: 1.8, 0.75: 3.6}
 FIXED = ("sdpa", "varlen", "fused")

@@ -16,7 +16,16 @@ import torch
 
 from _report import table, write_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def build_smollm2() -> Path:
+    """The test suite's SmolLM2 fixture (tests/smollm2_fixture.py), loaded by path: nothing edits sys.path."""
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "tests" / "smollm2_fixture.py"
+    spec = importlib.util.spec_from_file_location("smollm2_fixture", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_smollm2()
 
 
 def read_bandwidth() -> float:
@@ -73,7 +82,6 @@ def main():
     args = ap.parse_args()
     import transformers
     import minibt
-    from smollm2_fixture import build_smollm2
     folder = build_smollm2()
     bandwidth = read_bandwidth()
     rows, notes = [], []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from minibt.bench import SHAPES
+from minibt.tools.bench import SHAPES
 
 _keep = []     # temporary checkpoint folders live as long as the process
 

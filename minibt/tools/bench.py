@@ -37,7 +37,7 @@ def padded_batch(batch: int, length: int, padding: float, vocab: int, seed: int 
 
 def random_model(shape: str, dtype):
     """A bert-shaped minibt model with random weights (no checkpoint, no download)."""
-    from .models.bert import Bert, BertConfig
+    from ..models.bert import Bert, BertConfig
     c = SHAPES[shape]
     torch.manual_seed(0)
     cfg = BertConfig(30522, c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["intermediate_size"])
@@ -51,9 +51,6 @@ def load_contenders(spec: str | None):
     if not spec:
         return None
     import importlib
-    import os
-    if os.getcwd() not in sys.path:          # a module of the current folder (the checkout), as with `python -m`
-        sys.path.insert(0, os.getcwd())
     module, _, function = spec.partition(":")
     return getattr(importlib.import_module(module), function or "contenders")
 
@@ -99,7 +96,7 @@ def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.7
         backends=("sdpa", "varlen", "fused", "auto"), reps=5, compile=False, progress=True, others=None):
     """Returns (rows, peak GFLOP/s); each row: batch, length, padding, contender, ms, and the speedup over the
     baseline ("transformers sdpa" when `others` adds it, else "minibt sdpa")."""
-    from . import from_hub
+    from .. import from_hub
     folder, extra = others(model, dtype) if others else (None, {})
     if folder is None and model not in SHAPES:
         folder = model

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .embed import embed
-from .errors import InputError
+from ..embed import embed
+from ..errors import InputError
 
 _NPY_HEADER = 128      # bytes reserved for the .npy header, rewritten with the final row count at the end
 
