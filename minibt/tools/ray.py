@@ -1,0 +1,338 @@
+"""minibt on a Ray cluster (extra `minibt[ray]`): the same vectors as `minibt.embed`, every row exactly once.
+
+Two entry points, both Ray Data `map_batches` over a fixed pool of actors that each load the model once:
+
+- `embed_dataset(ds, model, column="text")`: any Ray Dataset in, the same Dataset out with a fixed-size float32
+  `embedding` column added (every other column kept). Rows travel through the object store; the caller writes
+  the result (`.write_parquet(...)`) or consumes it.
+- `embed_corpus(...)` (`minibt embed --ray`): text files in, Parquet shards out. The corpus is cut into shards of
+  `shard_rows` lines by byte offset on the driver; one actor call reads its shard's bytes, embeds them and writes
+  `part-NNNNN.parquet` itself (temporary name, then an atomic rename), so texts and vectors never cross the object
+  store and a finished shard is a whole file. A retried shard (its actor died) rewrites the same file with the same
+  rows, so the output holds every line exactly once; `--resume` skips the shards already on disk. Input and output
+  paths must be visible at the same path on every node (one machine, NFS, a mounted bucket).
+
+Ray Data restarts a dead actor and retries its batch (its defaults for actor pools: max_restarts=-1,
+max_task_retries=-1; Ray 2.60 deprecates passing them, so an input that kills its process every time is retried
+without end: watch the log for repeated actor deaths). Everything that can be checked cheaply is
+checked on the driver before any actor starts: the model loads, the column exists and holds strings, the files
+exist and are UTF-8.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from ..errors import InputError, MinibtError
+
+MANIFEST = "_minibt.json"
+
+
+# ---------------------------------------------------------------------------------------------- the actors
+
+class Embedder:
+    """A `map_batches` callable: the model is loaded once per actor, each batch (a pyarrow Table) comes back with an
+    `embedding` column. `fail_once` is a test hook: a marker file path; the first actor that creates it exits its
+    process in the middle of a batch (after the work, before the answer), as a crash would."""
+
+    def __init__(self, model: str, *, attn: str = "auto", dtype=None, column: str = "text", batch_tokens: int = 4096,
+                 fail_once: str | None = None):
+        import torch
+        import minibt
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))           # the CPUs Ray gave this actor, not the whole node's
+        self.model = minibt.from_hub(model, attn=attn, dtype=dtype, head="base")
+        self.tok = minibt.load_tokenizer(model)
+        self.column, self.batch_tokens, self.fail_once = column, batch_tokens, fail_once
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def vectors(self, texts: list[str]) -> pa.FixedSizeListArray:
+        from ..embed import embed
+        vecs = embed(self.model, self.tok, texts, batch_tokens=self.batch_tokens).numpy()
+        return pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
+
+    def crash_here_once(self) -> None:
+        if self.fail_once:
+            try:
+                os.close(os.open(self.fail_once, os.O_CREAT | os.O_EXCL))   # atomic: one actor, one time
+            except FileExistsError:
+                return
+            os._exit(1)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column(self.column)
+        if texts.null_count:                  # embed_dataset counted nulls already; this guards other callers
+            raise InputError(f"column {self.column!r}: {texts.null_count} null rows in a batch")
+        out = batch.append_column("embedding", self.vectors(texts.to_pylist()))
+        self.crash_here_once()
+        return out
+
+
+class ShardWriter(Embedder):
+    """One call = one shard: read its lines from the source by byte range, embed, write part-NNNNN.parquet."""
+
+    def __init__(self, model: str, *, out: str, keep_text: bool, **kw):
+        super().__init__(model, **kw)
+        self.out, self.keep_text = Path(out), keep_text
+
+    def __call__(self, batch: dict) -> dict:
+        rows = []
+        for shard, path, start, end, first_id, count in zip(*(batch[k] for k in SHARD_FIELDS)):
+            t0 = time.perf_counter()
+            with open(path, "rb") as f:
+                f.seek(int(start))
+                texts = _lines(f.read(int(end) - int(start)))
+            if len(texts) != count:
+                raise InputError(f"{path}: bytes {start}-{end} hold {len(texts)} lines, planned {count}: "
+                                 "the file changed while it was embedded")
+            table = pa.table({"id": pa.array(np.arange(first_id, first_id + count), pa.int64())}
+                             | ({"text": pa.array(texts, pa.string())} if self.keep_text else {})
+                             | {"embedding": self.vectors(texts)})
+            meta = {"minibt": json.dumps({"shard": int(shard), "first_id": int(first_id), "rows": int(count)})}
+            final = self.out / shard_name(int(shard))
+            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")   # a retry elsewhere never shares it
+            pq.write_table(table.replace_schema_metadata(meta), tmp)
+            self.crash_here_once()                                      # half done: tmp written, not renamed
+            os.replace(tmp, final)                                      # atomic: a shard file is always whole
+            rows.append({"shard": int(shard), "rows": int(count), "node": self.node,
+                         "seconds": time.perf_counter() - t0})
+        return {k: [r[k] for r in rows] for k in ("shard", "rows", "node", "seconds")}
+
+
+SHARD_FIELDS = ("shard", "path", "start", "end", "first_id", "rows")
+
+
+def shard_name(k: int) -> str:
+    return f"part-{k:05d}.parquet"
+
+
+def _lines(data: bytes) -> list[str]:
+    """The lines of `data` as `embed --file` reads them: split on \\n only, one trailing \\r dropped."""
+    text = data.decode("utf-8")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()                            # the newline ending the last line does not start another
+    return [line.removesuffix("\r") for line in lines]
+
+
+# ---------------------------------------------------------------------------------------------- checks on the driver
+
+def check_model(model: str, attn: str = "auto", dtype=None) -> int:
+    """Load the model and tokenizer once on the driver, so a bad name fails before any actor starts; its width."""
+    import minibt
+    loaded = minibt.from_hub(model, attn=attn, dtype=dtype, head="base")
+    minibt.load_tokenizer(model)
+    return loaded.config.hidden_size
+
+
+def check_column(ds: ray.data.Dataset, column: str, count_nulls: bool = True) -> None:
+    schema = ds.schema()
+    names = list(schema.names) if schema is not None else []
+    if column not in names:
+        raise InputError(f"column {column!r} is not in the dataset (columns: {', '.join(names) or 'none'})")
+    if "embedding" in names:
+        raise InputError("the dataset already has an 'embedding' column: drop or rename it first")
+    kind = dict(zip(schema.names, schema.types))[column]
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise InputError(f"column {column!r} holds {kind}, not strings: every row must be a string")
+    if count_nulls:                          # a read pass over this one column, no model work
+        nulls = ds.select_columns([column]).map_batches(
+            lambda t: {"nulls": [t.column(0).null_count]}, batch_format="pyarrow").sum("nulls")
+        if nulls:
+            raise InputError(f"column {column!r} has {nulls} null rows: every row must be a string "
+                             "(fill them with '' or filter them out)")
+
+
+def default_actors(num_cpus: float) -> int:
+    """All the cluster's CPUs but one, which read tasks need (actors holding every CPU starve them)."""
+    return max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // num_cpus))
+
+
+# ---------------------------------------------------------------------------------------------- Python API
+
+def embed_dataset(ds: ray.data.Dataset, model: str, column: str = "text", *, actors: int | None = None,
+                  num_cpus: float = 1, batch_size: int = 512, batch_tokens: int = 4096, attn: str = "auto",
+                  dtype=None, count_nulls: bool = True, fail_once: str | None = None) -> ray.data.Dataset:
+    """`ds` with an `embedding` column (fixed-size list of float32, the model's width) from `column`; lazy, like
+    every Ray Data transform. `actors`: size of the actor pool (default: the cluster's CPUs but one, each actor
+    taking `num_cpus`). `count_nulls=False` skips the up-front read pass that rejects null rows."""
+    check_model(model, attn, dtype)
+    check_column(ds, column, count_nulls)
+    return ds.map_batches(
+        Embedder, fn_constructor_kwargs=dict(model=model, attn=attn, dtype=dtype, column=column,
+                                             batch_tokens=batch_tokens, fail_once=fail_once),
+        batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=actors or default_actors(num_cpus)))
+
+
+def plan_shards(sources: list[Path], shard_rows: int) -> list[dict]:
+    """Cut the files into shards of `shard_rows` lines (each file's last shard shorter) by byte offset, checking that
+    every line is UTF-8. ids count lines across the files in order, from 0. One pass over the bytes, on the driver."""
+    shards, next_id = [], 0
+    for path in sources:
+        start = offset = rows = 0
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):             # binary lines end at b"\n" only, as _lines splits them
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InputError(f"{path}: line {n} is not UTF-8 text") from None
+                offset, rows = offset + len(line), rows + 1
+                if rows == shard_rows:
+                    shards.append(_shard(len(shards), path, start, offset, next_id, rows))
+                    next_id, start, rows = next_id + rows, offset, 0
+        if rows:
+            shards.append(_shard(len(shards), path, start, offset, next_id, rows))
+            next_id += rows
+    return shards
+
+
+def _shard(k, path, start, end, first_id, rows) -> dict:
+    return {"shard": k, "path": str(path), "start": start, "end": end, "first_id": first_id, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------- corpus -> shards
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address`, or start a local Ray ("local": never an already running one by accident).
+    Does nothing when this process is already connected (tests, notebooks)."""
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
+def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, address: str | None = None,
+                 actors: int | None = None, num_cpus: float = 1, shard_rows: int = 4096, keep_text: bool = False,
+                 resume: bool = False, attn: str = "auto", dtype=None, batch_tokens: int = 4096,
+                 progress: bool = True, fail_once: str | None = None) -> dict:
+    """Embed every line of `sources` (in order; ids count lines from 0 across them) into Parquet shards in `out`
+    (`id`, `text` with keep_text, `embedding`). resume=True skips the shards already written completely.
+    `actors`: default every CPU of the cluster (each taking `num_cpus`): shards are read inside the actors, so no
+    read task waits for a CPU. Returns a summary: rows, rows embedded now, shards written / skipped, rows by node."""
+    sources = [Path(s).resolve() for s in sources]
+    for s in sources:
+        if not s.is_file():
+            raise InputError(f"{s}: no such file")
+    out = Path(out)
+    dim = check_model(model, attn, dtype)
+    shards = plan_shards(sources, shard_rows)
+    manifest = {"sources": [[str(s), s.stat().st_size] for s in sources], "shard_rows": shard_rows,
+                "model": str(model), "dim": dim, "text": keep_text, "rows": sum(s["rows"] for s in shards),
+                "shards": len(shards)}
+    _start_output(out, manifest, resume)
+    done = {k for k in range(len(shards)) if _complete(out / shard_name(k), shards[k]["rows"])}
+    todo = [s for s in shards if s["shard"] not in done]
+    summary = {"rows": manifest["rows"], "embedded": 0, "shards_written": 0, "shards_skipped": len(done),
+               "nodes": {}, "seconds": 0.0}
+    start = time.perf_counter()
+    if todo:
+        connect(address)
+        size = min(actors or max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus)), len(todo))
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            ShardWriter, fn_constructor_kwargs=dict(model=model, out=str(out.resolve()), keep_text=keep_text,
+                                                    attn=attn, dtype=dtype, batch_tokens=batch_tokens,
+                                                    fail_once=fail_once),
+            batch_size=1, batch_format="numpy", num_cpus=num_cpus,
+            # one shard in flight per actor: a shard is seconds of work, so queueing a second one behind it only
+            # lets one actor hoard the tail while another idles
+            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1))
+        for row in ds.iter_rows():                       # one row per finished shard, as they finish
+            summary["embedded"] += row["rows"]
+            summary["shards_written"] += 1
+            summary["nodes"][row["node"]] = summary["nodes"].get(row["node"], 0) + row["rows"]
+            if progress:
+                rate = summary["embedded"] / (time.perf_counter() - start)
+                print(f"\r{summary['embedded'] + sum(shards[k]['rows'] for k in done)} texts  {rate:7.1f} texts/s",
+                      end="", file=sys.stderr, flush=True)
+        if progress:
+            print(file=sys.stderr)
+    for tmp in out.glob(".part-*.tmp"):                  # left by actors that died between write and rename
+        tmp.unlink()
+    missing = [k for k in range(len(shards)) if not _complete(out / shard_name(k), shards[k]["rows"])]
+    if missing:
+        raise MinibtError(f"{out}: shards {missing[:10]} are missing after the run")
+    summary["seconds"] = time.perf_counter() - start
+    return summary
+
+
+def _start_output(out: Path, manifest: dict, resume: bool) -> None:
+    path = out / MANIFEST
+    if path.is_file():
+        if not resume:
+            raise InputError(f"{out} holds a run already: pass --resume to continue it, or pick another --out")
+        old = json.loads(path.read_text())
+        diff = [k for k in manifest if old.get(k) != manifest[k]]
+        if diff:
+            raise InputError(f"{path}: this output was started with other {', '.join(diff)} "
+                             f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); remove it or pick another --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} exists and is not a minibt --ray output: pick an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+
+
+def _complete(path: Path, rows: int) -> bool:
+    """Shards are renamed into place whole, so existence nearly says it; the row count guards against strays."""
+    try:
+        return pq.read_metadata(path).num_rows == rows
+    except (OSError, pa.ArrowInvalid):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+def add_arguments(parser) -> None:
+    """The flags `minibt embed` gains for Ray (it already has --file, --out, --resume, --batch-tokens, --model,
+    --attn, --dtype)."""
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="embed --file/--dir on a Ray cluster into --out folder/ as Parquet shards "
+                             "(no ADDRESS: start a local Ray)")
+    parser.add_argument("--dir", help="with --ray: every *.txt file under this folder, one text per line")
+    parser.add_argument("--actors", type=int, default=None, help="with --ray: actors (default: one per CPU)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1, help="with --ray: CPUs (threads) per actor")
+    parser.add_argument("--shard-rows", type=int, default=4096, help="with --ray: lines per Parquet shard")
+    parser.add_argument("--with-text", action="store_true", help="with --ray: keep a `text` column in the shards")
+
+
+def run(args) -> dict:
+    """`minibt embed --ray [ADDRESS] --file corpus.txt | --dir folder --out out_dir/`."""
+    from .cli import _model_arg
+    if bool(args.file) == bool(args.dir):
+        raise MinibtError("--ray needs one of --file corpus.txt or --dir folder")
+    if args.file == "-":
+        raise MinibtError("--ray reads its input by byte ranges on the cluster: give a file, not stdin")
+    if not args.out:
+        raise MinibtError("--ray needs --out out_dir/ (a folder for the Parquet shards)")
+    if args.dir:
+        if not Path(args.dir).is_dir():
+            raise InputError(f"{args.dir}: no such folder")
+        sources = sorted(p for p in Path(args.dir).rglob("*.txt") if p.is_file())
+        if not sources:
+            raise InputError(f"{args.dir}: no *.txt files")
+    else:
+        sources = [Path(args.file)]
+    logging.getLogger("ray.data").setLevel(logging.WARNING)     # the command prints its own progress
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    summary = embed_corpus(sources, args.out, _model_arg(args.model), address=args.ray or None,
+                           actors=args.actors, num_cpus=args.cpus_per_actor, shard_rows=args.shard_rows,
+                           keep_text=args.with_text, resume=args.resume, attn=args.attn, dtype=args.dtype,
+                           batch_tokens=args.batch_tokens)
+    print(f"{summary['rows']} vectors -> {args.out} ({summary['shards_written']} shards written, "
+          f"{summary['shards_skipped']} already done; rows by node: "
+          f"{', '.join(f'{n[:8]} {r}' for n, r in summary['nodes'].items()) or 'none'})")
+    return summary

@@ -1,0 +1,249 @@
+"""minibt.ray on a real local Ray cluster: the vectors of minibt.embed, every row exactly once, errors before work.
+
+One local cluster (`ray.init(num_cpus=2)`) serves the module; the two-node test starts its own with `ray start`
+(a head and a second node with its own temp folder, both on this machine) and stops every process it started."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import signal
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+import pyarrow as pa                                           # noqa: E402  (ray[data] brings it)
+import pyarrow.parquet as pq                                   # noqa: E402
+
+import minibt                                                  # noqa: E402
+from minibt.errors import CheckpointError, InputError          # noqa: E402
+from minibt.tools import ray as mray                           # noqa: E402
+
+
+def real_texts(n: int) -> list[str]:
+    """Paragraphs of a few standard-library docstrings (real prose and code talk), plus an empty text and one
+    past MiniLM's 256-token limit (truncated, as minibt.embed does)."""
+    out = []
+    for name in ("argparse", "json", "pathlib", "subprocess", "typing", "functools", "logging", "socket",
+                 "tarfile", "zipfile", "email.message", "asyncio.tasks"):
+        path = Path(importlib.util.find_spec(name).origin)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                out += [" ".join(p.split()) for p in (ast.get_docstring(node) or "").split("\n\n") if p.strip()]
+    out = out[:n - 2] + ["", " ".join(out[:200])]
+    assert len(out) == n
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(minilm):
+    """texts -> minibt.embed vectors in this process (the plain path the cluster must reproduce)."""
+    model, tok = minibt.from_hub(minilm), minibt.load_tokenizer(minilm)
+    return lambda texts: minibt.embed(model, tok, texts).numpy()
+
+
+def corpus_file(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def read_shards(out: Path) -> pa.Table:
+    files = sorted(out.glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("id")
+
+
+def test_embed_dataset_equals_embed_row_by_id(cluster, minilm, reference):
+    texts = real_texts(300)
+    ids = np.random.default_rng(0).permutation(10_000)[:300]                 # ids are not positions
+    ds = ray.data.from_items([{"doc": int(i), "text": t, "source": f"s{i % 3}"} for i, t in zip(ids, texts)])
+    got = mray.embed_dataset(ds, str(minilm), actors=1, batch_size=64).to_arrow_refs()
+    table = pa.concat_tables(ray.get(got))
+    assert table.column_names == ["doc", "text", "source", "embedding"]                    # every column kept
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)            # fixed-size float32
+    assert table.num_rows == 300 and sorted(table["doc"].to_pylist()) == sorted(ids.tolist())
+    want = dict(zip(ids.tolist(), reference(texts)))
+    vecs = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    for doc, text, source, vec in zip(table["doc"].to_pylist(), table["text"].to_pylist(),
+                                      table["source"].to_pylist(), vecs):
+        assert texts[ids.tolist().index(doc)] == text and source == f"s{doc % 3}"
+        assert np.abs(vec - want[doc]).max() < 1e-5, doc
+
+
+def test_corpus_to_shards_then_resume(cluster, minilm, reference, tmp_path):
+    texts = real_texts(250)
+    src = corpus_file(tmp_path / "corpus.txt", texts)
+    out = tmp_path / "out"
+    s = mray.embed_corpus([src], out, str(minilm), shard_rows=60, keep_text=True, progress=False, actors=2)
+    assert (s["rows"], s["embedded"], s["shards_written"], s["shards_skipped"]) == (250, 250, 5, 0)
+    table = read_shards(out)
+    assert table["id"].to_pylist() == list(range(250)) and table["text"].to_pylist() == texts
+    vecs = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    assert np.abs(vecs - reference(texts)).max() < 1e-5
+    with pytest.raises(InputError, match="--resume"):                        # never overwrites a run
+        mray.embed_corpus([src], out, str(minilm), shard_rows=60, keep_text=True, progress=False)
+    with pytest.raises(InputError, match="shard_rows"):                      # nor mixes two plans
+        mray.embed_corpus([src], out, str(minilm), shard_rows=50, keep_text=True, resume=True, progress=False)
+    before = {f.name: f.stat().st_mtime_ns for f in out.glob("part-*.parquet")}
+    (out / "part-00002.parquet").unlink()                                    # as if the run died there
+    s = mray.embed_corpus([src], out, str(minilm), shard_rows=60, keep_text=True, resume=True, progress=False)
+    assert (s["embedded"], s["shards_written"], s["shards_skipped"]) == (60, 1, 4)
+    after = {f.name: f.stat().st_mtime_ns for f in out.glob("part-*.parquet")}
+    assert {k for k in after if after[k] != before.get(k)} == {"part-00002.parquet"}   # only that one redone
+    assert read_shards(out).equals(table)
+
+
+def test_actor_killed_mid_batch_every_row_once(cluster, minilm, reference, tmp_path):
+    texts = real_texts(240)
+    marker = tmp_path / "crashed"
+    src = corpus_file(tmp_path / "corpus.txt", texts)
+    s = mray.embed_corpus([src], tmp_path / "out", str(minilm), shard_rows=40, progress=False, actors=2,
+                          fail_once=str(marker))
+    assert marker.exists()                                 # an actor died after writing a shard's temp file
+    assert s["embedded"] == 240 and s["shards_written"] == 6
+    table = read_shards(tmp_path / "out")
+    assert table["id"].to_pylist() == list(range(240))     # complete, no duplicates
+    assert not list((tmp_path / "out").glob(".*tmp"))      # the dead actor's half-written file is gone
+    assert np.abs(np.stack(table["embedding"].to_numpy(zero_copy_only=False)) - reference(texts)).max() < 1e-5
+
+    marker2 = tmp_path / "crashed-dataset"                 # the same through embed_dataset's batches
+    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)])
+    got = pa.concat_tables(ray.get(mray.embed_dataset(ds, str(minilm), actors=1, batch_size=40,
+                                                      fail_once=str(marker2)).to_arrow_refs()))
+    assert marker2.exists()
+    assert sorted(got["id"].to_pylist()) == list(range(240))
+
+
+def test_bad_input_fails_before_any_work(cluster, minilm, tmp_path):
+    ds = ray.data.from_items([{"id": 1, "body": "a"}])
+    with pytest.raises(InputError, match="column 'text' is not in the dataset.*id, body"):
+        mray.embed_dataset(ds, str(minilm))
+    with pytest.raises(InputError, match="'text' holds int64, not strings"):
+        mray.embed_dataset(ray.data.from_items([{"text": 1}, {"text": 2}]), str(minilm))
+    with pytest.raises(InputError, match="1 null rows"):
+        mray.embed_dataset(ray.data.from_items([{"text": "a"}, {"text": None}]), str(minilm))
+    with pytest.raises(InputError, match="already has an 'embedding'"):
+        mray.embed_dataset(ray.data.from_items([{"text": "a", "embedding": 1}]), str(minilm))
+    with pytest.raises(CheckpointError, match="no-such-org/no-such-model"):
+        mray.embed_dataset(ray.data.from_items([{"text": "a"}]), "no-such-org/no-such-model")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\nstill fine\n\xff\xfe not utf-8\n")
+    with pytest.raises(InputError, match="bad.txt: line 3 is not UTF-8"):
+        mray.embed_corpus([bad], tmp_path / "o1", str(minilm), progress=False)
+    with pytest.raises(CheckpointError):
+        mray.embed_corpus([corpus_file(tmp_path / "ok.txt", ["a"])], tmp_path / "o2", str(tmp_path / "nothing"))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()   # nothing started
+
+
+def test_command_flags(minilm, tmp_path, capsys):
+    """`minibt embed --ray` as the CLI will wire it: the embed parser plus add_arguments, then run(args)."""
+    import argparse
+    p = argparse.ArgumentParser()
+    for flag in ("--file", "--out", "--model", "--dtype"):
+        p.add_argument(flag)
+    p.add_argument("--attn", default="auto")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    mray.add_arguments(p)
+    args = p.parse_args(["--ray", "--dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert args.ray == "" and args.dir == str(tmp_path)
+    with pytest.raises(InputError, match="no \\*.txt files"):
+        mray.run(args)
+    args = p.parse_args(["--ray", "10.0.0.1:6379", "--file", "-", "--out", "o"])
+    with pytest.raises(minibt.MinibtError, match="not stdin"):
+        mray.run(args)
+    with pytest.raises(minibt.MinibtError, match="one of --file"):
+        mray.run(p.parse_args(["--ray", "--out", "o"]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DRIVER = """
+import json, sys, ray
+from minibt.tools.ray import embed_corpus
+s = embed_corpus([sys.argv[2]], sys.argv[3], sys.argv[4], address=sys.argv[1], actors=2, shard_rows=25,
+                 progress=False)
+print(json.dumps({"summary": s, "nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}))
+"""
+
+
+def test_two_node_cluster_both_nodes_work(minilm, reference, tmp_path):
+    """A head and a second node (own temp folder) on this machine, one CPU each, so one actor lands on each.
+    Token auth stays on, with a token file of our own; loopback addresses only."""
+    token = tmp_path / "token"
+    token.write_text(os.urandom(32).hex())
+    token.chmod(0o600)
+    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+              f"--dashboard-agent-listen-port={_free_port()}"]
+    # Ray's unix sockets live under the temp folder and must fit in 107 bytes: pytest's tmp_path is too deep
+    temp = Path(tempfile.mkdtemp(prefix="ray2n"))
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("head", "second")}
+    nodes = []
+    try:
+        nodes.append(subprocess.Popen(
+            ["ray", "start", "--head", f"--port={port}", f"--temp-dir={temp / 'head'}", "--include-dashboard=false",
+             *common], env=env, start_new_session=True, stdout=logs["head"], stderr=subprocess.STDOUT))
+        _wait_for_nodes(address, 1, env, tmp_path / "head.log")
+        nodes.append(subprocess.Popen(
+            ["ray", "start", f"--address={address}", f"--temp-dir={temp / 'second'}", *common], env=env,
+            start_new_session=True, stdout=logs["second"], stderr=subprocess.STDOUT))
+        _wait_for_nodes(address, 2, env, tmp_path / "second.log")
+        texts = real_texts(200)
+        src = corpus_file(tmp_path / "corpus.txt", texts)
+        run = subprocess.run([sys.executable, "-c", DRIVER, address, str(src), str(tmp_path / "out"), str(minilm)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        worked = result["summary"]["nodes"]
+        assert len(result["nodes"]) == 2 and set(worked) == set(result["nodes"])    # both nodes embedded
+        assert all(rows > 0 for rows in worked.values()) and sum(worked.values()) == 200
+        table = read_shards(tmp_path / "out")
+        assert table["id"].to_pylist() == list(range(200))
+        assert np.abs(np.stack(table["embedding"].to_numpy(zero_copy_only=False)) - reference(texts)).max() < 1e-5
+    finally:
+        for p in reversed(nodes):                       # SIGTERM: `ray start --block` stops what it started
+            p.terminate()
+        for p in nodes:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(p.pid, signal.SIGKILL)        # anything of that node still alive (its own group only)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_nodes(address: str, n: int, env: dict, log: Path, timeout: float = 90) -> None:
+    """`ray status` lists the active nodes (the state API would need the dashboard, which stays off)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["ray", "status", "--address", address], env=env, capture_output=True, text=True)
+        active = r.stdout.split("Active:")[-1].split("Pending:")[0] if "Active:" in r.stdout else ""
+        if active.count("node_") >= n:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the cluster at {address} did not reach {n} nodes in {timeout} s:\n{log.read_text()[-3000:]}")
