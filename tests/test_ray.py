@@ -247,3 +247,9 @@ def _wait_for_nodes(address: str, n: int, env: dict, log: Path, timeout: float =
             return
         time.sleep(1)
     raise AssertionError(f"the cluster at {address} did not reach {n} nodes in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def test_import_minibt_does_not_import_ray():
+    code = "import sys, minibt, minibt.embed; assert 'ray' not in sys.modules; import minibt.ray; print(minibt.ray.embed_dataset)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "embed_dataset" in r.stdout, r.stderr

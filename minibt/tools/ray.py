@@ -220,7 +220,8 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
     """Embed every line of `sources` (in order; ids count lines from 0 across them) into Parquet shards in `out`
     (`id`, `text` with keep_text, `embedding`). resume=True skips the shards already written completely.
     `actors`: default every CPU of the cluster (each taking `num_cpus`): shards are read inside the actors, so no
-    read task waits for a CPU. Returns a summary: rows, rows embedded now, shards written / skipped, rows by node."""
+    read task waits for a CPU. Returns a summary: rows, rows embedded now, shards written / skipped, rows by node,
+    wall seconds and the seconds actors spent on their shards."""
     sources = [Path(s).resolve() for s in sources]
     for s in sources:
         if not s.is_file():
@@ -235,7 +236,7 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
     done = {k for k in range(len(shards)) if _complete(out / shard_name(k), shards[k]["rows"])}
     todo = [s for s in shards if s["shard"] not in done]
     summary = {"rows": manifest["rows"], "embedded": 0, "shards_written": 0, "shards_skipped": len(done),
-               "nodes": {}, "seconds": 0.0}
+               "nodes": {}, "seconds": 0.0, "in_actor_seconds": 0.0}
     start = time.perf_counter()
     if todo:
         connect(address)
@@ -251,6 +252,7 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
         for row in ds.iter_rows():                       # one row per finished shard, as they finish
             summary["embedded"] += row["rows"]
             summary["shards_written"] += 1
+            summary["in_actor_seconds"] += row["seconds"]            # reading, embedding, writing the shard
             summary["nodes"][row["node"]] = summary["nodes"].get(row["node"], 0) + row["rows"]
             if progress:
                 rate = summary["embedded"] / (time.perf_counter() - start)
