@@ -26,7 +26,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -129,44 +128,110 @@ class TwoNodes:
 
 
 # Assumptions of the projection, not measured here: a machine of CORES cores, each as fast as one core here; input
-# and output on shared storage with READ_BW / WRITE_BW bytes/s in aggregate (one NFS server; a bucket scales higher).
-CORES, READ_BW, WRITE_BW = 16, 1e9, 1e9
+# and output on shared storage with READ_BW / WRITE_BW bytes/s in aggregate (one NFS server; a bucket scales higher);
+# shards of the command's default size.
+CORES, READ_BW, WRITE_BW, CORPUS, SHARD = 16, 1e9, 1e9, 100e6, 4096
+TWO_NODE, LOCAL1, LOCAL2 = ("embed --ray, two-node cluster (1 CPU each), 2 actors",
+                            "embed --ray, local cluster (2 CPUs), 1 actor", "embed --ray, local cluster (2 CPUs), 2 actors")
 
 
-def projection(per_core: float, efficiency: float, out_bytes: float, in_bytes: float, plan_rate: float,
-               shard_rows: int) -> str:
-    """texts/s on N machines: compute (cores x the 1-thread rate x the efficiency the two-node run kept) until
-    one of the shared limits takes over. The driver plans shards (one pass over the input) before any work:
-    its time does not shrink with N (Amdahl), shown as the share of a 100M-line job it takes."""
-    rows_total = 100e6
-    out = []
-    for machines in (1, 2, 4, 16, 64, 256, 1024):
-        compute = machines * CORES * per_core * efficiency
-        caps = {"compute": compute, "read": READ_BW / in_bytes, "write": WRITE_BW / out_bytes}
-        limit = min(caps, key=caps.get)
-        rate = caps[limit]
-        job = rows_total / rate
-        plan = rows_total / plan_rate
-        waves = rows_total / (shard_rows * machines * CORES)
-        out.append([machines, machines * CORES, f"{compute:,.0f}", f"{rate:,.0f}", limit,
-                    f"{plan / (plan + job):.0%}", f"{waves:,.0f}"])
-    return (f"Projection for a 100M-line corpus (a model, not a measurement). Assumed: {CORES}-core machines, each "
-            f"core as fast as one here ({per_core:.0f} texts/s with one thread); the two-node run's efficiency "
-            f"({efficiency:.2f}) kept at every size; input and output on shared storage reading and writing "
-            f"{READ_BW / 1e9:.0f} GB/s in aggregate; {in_bytes:.0f} input bytes and {out_bytes:.0f} Parquet bytes "
-            f"per row (measured); the driver plans shards at {plan_rate:,.0f} lines/s (measured), once, before "
-            f"the actors start; shards of {shard_rows} lines. The object store carries only one small record per "
-            f"shard in `embed --ray` (texts and vectors go file to file), so it is not a limit there; "
-            f"`embed_dataset` moves every row through it (text in, text + {out_bytes:.0f} bytes out).\n\n"
-            + table(["machines", "actors", "compute texts/s", "projected texts/s", "bound by",
-                     "driver planning share", "shards per actor"], out))
+def projection(r: dict) -> str:
+    """texts/s on N machines: compute (cores x the 1-thread rate x the steady-state efficiency of the two-node run)
+    until a shared limit (read or write bandwidth) takes over. The driver plans shards (one pass over the input)
+    before any work: that time does not shrink with N (Amdahl), shown as its share of a 100M-line job."""
+    per_core = r["n"] / r["plain1"]
+    two = r[TWO_NODE]
+    eff = r["plain1"] / (two["in_actor_seconds"])                   # per-row cost inside actors vs plain, 1 thread
+    startup = two["seconds"] - two["in_actor_seconds"] / 2         # fixed: cluster job start, actor + model load, tail
+    out_bytes, in_bytes = two["out_bytes_per_row"], r["in_bytes_per_row"]
+    plan_rate = r["n"] / r["plan_seconds"]
+    caps = {"read": READ_BW / in_bytes, "write": WRITE_BW / out_bytes}
+    per_machine = CORES * per_core * eff
+    rows = []
+    for machines in (1, 4, 16, 64, 256, 1024, 4096):
+        compute = machines * per_machine
+        bound, rate = min({"compute": compute, **caps}.items(), key=lambda kv: kv[1])
+        job = CORPUS / rate + startup
+        plan = CORPUS / plan_rate
+        rows.append([machines, machines * CORES, f"{compute:,.0f}", f"{rate:,.0f}", bound, _duration(job),
+                     f"{plan / (plan + job):.0%}", f"{CORPUS / (SHARD * machines * CORES):,.0f}",
+                     f"{rate / SHARD:,.1f}"])
+    knee = {k: v / per_machine for k, v in caps.items()}
+    first = min(knee, key=knee.get)
+    return (f"**Projection** for a 100M-line corpus (a model built from the figures above, not a measurement). "
+            f"Assumed: {CORES}-core machines, one actor per core, every core as fast as one core here "
+            f"({per_core:.0f} texts/s, minibt.embed with one thread); inside the actors a row costs what it cost in "
+            f"the two-node run ({eff:.2f} of the plain rate: reading and writing the shard included), plus that "
+            f"run's fixed {startup:.0f} s of start-up and tail once per job; input and output on shared storage "
+            f"reading and writing {READ_BW / 1e9:.0f} GB/s in aggregate; {in_bytes:.0f} input bytes and "
+            f"{out_bytes:.0f} Parquet bytes per row (measured); the driver plans the shards at {plan_rate:,.0f} "
+            f"lines/s (measured, one pass, before any actor starts); shards of {SHARD} lines (the command's "
+            f"default).\n\n"
+            + table(["machines", "actors", "compute-bound texts/s", "projected texts/s", "bound by", "job",
+                     "driver planning share", "shards per actor", "shards done / s"], rows)
+            + f"\n\nWhere it stops scaling: compute grows linearly with the machines until the shared {first} "
+            f"bandwidth, at about {knee[first]:,.0f} machines ({caps[first]:,.0f} texts/s; "
+            f"{'read' if first == 'write' else 'write'} would bind at {max(knee.values()):,.0f}); a faster store "
+            f"(a bucket, several NFS servers) moves that wall, nothing in minibt or Ray does. The serial part is "
+            f"the driver's planning pass, {_duration(CORPUS / plan_rate)} for 100M lines whatever the cluster "
+            f"size: it grows to the share shown as the job shrinks (planning files in parallel would lift it). "
+            f"The object store is no limit for `embed --ray`: it carries one small record per shard, texts and "
+            f"vectors go file to file. `embed_dataset` moves every row through it (the text in, text + "
+            f"{out_bytes:.0f} bytes of vector out): {per_machine * (out_bytes + 2 * in_bytes) / 1e6:.1f} MB/s per "
+            f"machine at this rate, far below a 10 Gb/s link, so there too storage is the first wall. Not "
+            f"measured here: how many task completions per second one Ray Data driver schedules; the last column "
+            f"is what it would have to sustain (raise `--shard-rows` if that is too many), and fewer than ~10 "
+            f"shards per actor let the idle tail (the last shard of the slowest actor) eat into the efficiency.")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
+def render(r: dict) -> str:
+    per_core = r["n"] / r["plain1"]
+    rows = [[f"minibt.embed, one process, {t} thread{'s' * (t > 1)}", t, f"{r[f'plain{t}']:.1f}",
+             f"{r['n'] / r[f'plain{t}']:.0f}", "", "", ""] for t in (1, 2)]
+    for label, actors in ((LOCAL1, 1), (LOCAL2, 2), (TWO_NODE, 2)):
+        x = r[label]
+        rows.append([label, actors, f"{x['seconds']:.1f}", f"{x['rate']:.0f}", f"{x['rate'] / (actors * per_core):.2f}",
+                     f"{(x['seconds'] * actors - x['in_actor_seconds']) / r['n'] * 1e3:.2f}",
+                     ", ".join(str(v) for v in x["nodes"].values())])
+        if label == LOCAL2:
+            rows.append(["embed_dataset: read_parquet -> 1 actor -> write_parquet, local cluster", 1,
+                         f"{r['dataset']:.1f}", f"{r['n'] / r['dataset']:.0f}",
+                         f"{r['n'] / r['dataset'] / per_core:.2f}", "", ""])
+    one = r[LOCAL1]
+    return (f"{r['n']} real texts (standard-library and numpy docstring paragraphs, mean {r['mean_words']:.0f} words), "
+            f"all-MiniLM-L6-v2 fp32, shards of {r['shard_rows']} lines, one run. Every Ray output was checked "
+            f"complete, each id once, max |diff| to minibt.embed below 1e-5. Efficiency: texts/s over actors x the "
+            f"1-thread minibt.embed rate. Overhead: CPU-ms per row that actors did not spend reading, embedding or "
+            f"writing their shards (start-up with the model load, scheduling, idle tail), over the whole run. "
+            f"Inside an actor a row cost {one['in_actor_seconds'] / r['n'] * 1e3:.2f} ms (read, embed, write) "
+            f"against {1e3 / per_core:.2f} ms in minibt.embed with one thread. The machine has 2 cores and other "
+            f"jobs were loading it during the run: read the ratios, and expect them to move between runs.\n\n"
+            + table(["run", "actors / threads", "seconds", "texts/s", "efficiency", "overhead ms/row",
+                     "rows by node"], rows) + "\n\n" + projection(r))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--shard-rows", type=int, default=1000)
+    ap.add_argument("--save", help="also write the raw figures here (JSON), for --render")
+    ap.add_argument("--render", help="write the section from saved figures, measuring nothing")
     args = ap.parse_args()
+    if args.render:
+        write_section("Embedding on Ray", render(json.loads(Path(args.render).read_text())))
+        return
+    results = measure(args)
+    if args.save:
+        Path(args.save).write_text(json.dumps(results, indent=1))
+    write_section("Embedding on Ray", render(results))
+
+
+def measure(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="raybench"))
     use_own_token(work)                 # before `import ray`: Ray reads its auth settings when it is imported
     import minibt
@@ -175,12 +240,13 @@ def main():
     from minibt.tools.ray import embed_corpus, embed_dataset, plan_shards
     folder = str(bundled_model())
     texts = corpus(args.n)
+    n = len(texts)
     src = work / "corpus.txt"
     src.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
     start = time.perf_counter()
     plan_shards([src], args.shard_rows)
-    plan_s = time.perf_counter() - start
-    n, rows, results = len(texts), [], {}
+    r = {"n": n, "shard_rows": args.shard_rows, "plan_seconds": time.perf_counter() - start,
+         "in_bytes_per_row": src.stat().st_size / n, "mean_words": float(np.mean([len(t.split()) for t in texts]))}
 
     model, tok = minibt.from_hub(folder), minibt.load_tokenizer(folder)
     ref = None
@@ -188,74 +254,47 @@ def main():
         torch.set_num_threads(threads)
         start = time.perf_counter()
         vecs = minibt.embed(model, tok, texts).numpy()
-        results[f"plain{threads}"] = time.perf_counter() - start
+        r[f"plain{threads}"] = time.perf_counter() - start
         ref = vecs if ref is None else ref
-        rows.append([f"minibt.embed, one process, {threads} thread{'s' * (threads > 1)}", threads,
-                     f"{results[f'plain{threads}']:.1f}", f"{n / results[f'plain{threads}']:.0f}", "", "", ""])
-    per_thread = n / results["plain1"]
+        print(f"plain, {threads} threads: {r[f'plain{threads}']:.1f} s", flush=True)
 
     def check(out: Path):
         t = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("*.parquet"))]).sort_by("id")
         assert t["id"].to_pylist() == list(range(n)), "rows missing or duplicated"
         err = np.abs(np.stack(t["embedding"].to_numpy(zero_copy_only=False)) - ref).max()
         assert err < 1e-5, err
-        return err
+        return float(err)
 
     def corpus_run(label, actors, address=None):
-        out = work / f"out-{len(rows)}"
+        out = work / "out"
         s = embed_corpus([src], out, folder, actors=actors, shard_rows=args.shard_rows, progress=False,
                          address=address)
-        busy = sum(pq.read_metadata(f).num_rows for f in out.glob("*.parquet"))   # sanity: all rows on disk
-        assert busy == n
-        err = check(out)
-        in_actors = s["in_actor_seconds"]
-        overhead = (s["seconds"] * actors - in_actors) / n * 1e3
-        rate = n / s["seconds"]
-        rows.append([label, actors, f"{s['seconds']:.1f}", f"{rate:.0f}", f"{rate / (actors * per_thread):.2f}",
-                     f"{overhead:.2f}", ", ".join(f"{r}" for r in s["nodes"].values())])
-        results[label] = {"seconds": s["seconds"], "in_actor_seconds": in_actors, "err": float(err),
-                          "nodes": s["nodes"], "rate": rate,
-                          "out_bytes_per_row": sum(f.stat().st_size for f in out.glob("*.parquet")) / n}
+        r[label] = {"seconds": s["seconds"], "in_actor_seconds": s["in_actor_seconds"], "err": check(out),
+                    "nodes": s["nodes"], "rate": n / s["seconds"],
+                    "out_bytes_per_row": sum(f.stat().st_size for f in out.glob("*.parquet")) / n}
+        print(label, r[label], flush=True)
         shutil.rmtree(out)
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    corpus_run("embed --ray, local cluster (2 CPUs), 1 actor", 1)
-    corpus_run("embed --ray, local cluster (2 CPUs), 2 actors", 2)
-
+    corpus_run(LOCAL1, 1)
+    corpus_run(LOCAL2, 2)
     pq.write_table(pa.table({"id": pa.array(range(n), pa.int64()), "text": texts}), work / "texts.parquet",
                    row_group_size=args.shard_rows)
     start = time.perf_counter()
     ds = embed_dataset(ray.data.read_parquet(str(work / "texts.parquet")), folder, actors=1,
                        batch_size=args.shard_rows, count_nulls=False)
     ds.write_parquet(str(work / "ds-out"))
-    seconds = time.perf_counter() - start
+    r["dataset"] = time.perf_counter() - start
     check(work / "ds-out")
-    rows.append(["embed_dataset: read_parquet -> 1 actor -> write_parquet, local cluster", 1, f"{seconds:.1f}",
-                 f"{n / seconds:.0f}", f"{n / seconds / per_thread:.2f}", "", ""])
-    results["dataset"] = seconds
+    print("dataset", r["dataset"], flush=True)
     ray.shutdown()
 
     with TwoNodes() as cluster:
-        corpus_run("embed --ray, two-node cluster (1 CPU each), 2 actors", 2, address=cluster.address)
+        corpus_run(TWO_NODE, 2, address=cluster.address)
         ray.shutdown()
-
-    two = results["embed --ray, two-node cluster (1 CPU each), 2 actors"]
-    body_projection = projection(per_thread, two["rate"] / (2 * per_thread), two["out_bytes_per_row"],
-                                 src.stat().st_size / n, n / plan_s, args.shard_rows)
-    body = (f"{n} real texts (standard-library and numpy docstring paragraphs, mean "
-            f"{np.mean([len(t.split()) for t in texts]):.0f} words), all-MiniLM-L6-v2 fp32, shards of "
-            f"{args.shard_rows} lines; every Ray output checked complete, each id once, max |diff| to minibt.embed "
-            f"below 1e-5. Efficiency: texts/s over actors x the 1-thread minibt.embed rate. Overhead: CPU-ms per "
-            f"row that actors did not spend reading, embedding or writing (start-up, scheduling, idle tail). "
-            f"Planning the shards on the driver (one pass over the file): {plan_s * 1e3:.0f} ms for "
-            f"{src.stat().st_size / 1e6:.1f} MB.\n\n"
-            + table(["run", "actors / threads", "seconds", "texts/s", "efficiency", "overhead ms/row",
-                     "rows by node"], rows) + "\n\n" + body_projection)
-    (work / "results.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
-    write_section("Embedding on Ray", body)
     shutil.rmtree(work, ignore_errors=True)
+    return r
 
 
 if __name__ == "__main__":

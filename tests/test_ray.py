@@ -253,3 +253,14 @@ def test_import_minibt_does_not_import_ray():
     code = "import sys, minibt, minibt.embed; assert 'ray' not in sys.modules; import minibt.ray; print(minibt.ray.embed_dataset)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "embed_dataset" in r.stdout, r.stderr
+
+
+def test_without_the_extra_the_command_says_what_to_install():
+    code = ("import sys; sys.modules['ray'] = None\n"            # as if ray were not installed
+            "import argparse, minibt.tools.ray as m\n"
+            "p = argparse.ArgumentParser(); m.add_arguments(p)\n"   # the CLI can still build its parser
+            "try:\n    m.embed_dataset(None, 'x')\nexcept minibt.MinibtError as e:\n    print('A', e)\n"
+            "try:\n    import minibt.ray\nexcept ImportError as e:\n    print('B', e)\n")
+    r = subprocess.run([sys.executable, "-c", "import minibt\n" + code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("pip install 'minibt[ray]'") == 2, r.stdout
