@@ -85,12 +85,27 @@ def test_embed_dataset_equals_embed_row_by_id(cluster, minilm, reference):
         assert np.abs(vec - want[doc]).max() < 1e-5, doc
 
 
-def test_corpus_to_shards_then_resume(cluster, minilm, reference, tmp_path):
+def embed_command(argv: list[str]):
+    """`minibt embed ...` parsed by the real command's parser with the Ray flags added, as the CLI wires them."""
+    from minibt.tools.cli import parser
+    from minibt.tools.ray_command import add_arguments
+    p = parser()
+    embed = next(a for a in p._subparsers._group_actions if "embed" in a.choices).choices["embed"]
+    if not any("--ray" in a.option_strings for a in embed._actions):   # the lead's cli may have wired it already
+        add_arguments(embed)
+    return p.parse_args(["embed", *argv])
+
+
+def test_corpus_to_shards_then_resume(cluster, minilm, reference, tmp_path, capsys):
+    from minibt.tools.ray_command import run
     texts = real_texts(250)
     src = corpus_file(tmp_path / "corpus.txt", texts)
     out = tmp_path / "out"
-    s = mray.embed_corpus([src], out, str(minilm), shard_rows=60, keep_text=True, progress=False, actors=2)
+    s = run(embed_command(["--ray", "--file", str(src), "--out", str(out), "--shard-rows", "60", "--with-text",
+                           "--model", str(minilm), "--actors", "2"]))
     assert (s["rows"], s["embedded"], s["shards_written"], s["shards_skipped"]) == (250, 250, 5, 0)
+    printed = capsys.readouterr()
+    assert "250 vectors -> " in printed.out and "texts/s" in printed.err          # result line, progress bar
     table = read_shards(out)
     assert table["id"].to_pylist() == list(range(250)) and table["text"].to_pylist() == texts
     vecs = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
@@ -150,25 +165,18 @@ def test_bad_input_fails_before_any_work(cluster, minilm, tmp_path):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()   # nothing started
 
 
-def test_command_flags(minilm, tmp_path, capsys):
-    """`minibt embed --ray` as the CLI will wire it: the embed parser plus add_arguments, then run(args)."""
-    import argparse
-    p = argparse.ArgumentParser()
-    for flag in ("--file", "--out", "--model", "--dtype"):
-        p.add_argument(flag)
-    p.add_argument("--attn", default="auto")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--batch-tokens", type=int, default=4096)
-    mray.add_arguments(p)
-    args = p.parse_args(["--ray", "--dir", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert args.ray == "" and args.dir == str(tmp_path)
+def test_command_flags(minilm, tmp_path):
+    from minibt.tools.ray_command import run
+    args = embed_command(["--ray", "--dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert args.ray == "" and args.dir == str(tmp_path) and args.shard_rows == 4096
     with pytest.raises(InputError, match="no \\*.txt files"):
-        mray.run(args)
-    args = p.parse_args(["--ray", "10.0.0.1:6379", "--file", "-", "--out", "o"])
+        run(args)
+    assert embed_command(["--ray", "10.0.0.1:6379", "--file", "c.txt", "--out", "o"]).ray == "10.0.0.1:6379"
     with pytest.raises(minibt.MinibtError, match="not stdin"):
-        mray.run(args)
+        run(embed_command(["--ray", "--file", "-", "--out", "o"]))
     with pytest.raises(minibt.MinibtError, match="one of --file"):
-        mray.run(p.parse_args(["--ray", "--out", "o"]))
+        run(embed_command(["--ray", "--out", "o"]))
+    assert embed_command(["some text"]).ray is None                          # plain embed is untouched
 
 
 def _free_port() -> int:
@@ -250,15 +258,17 @@ def _wait_for_nodes(address: str, n: int, env: dict, log: Path, timeout: float =
 
 
 def test_import_minibt_does_not_import_ray():
-    code = "import sys, minibt, minibt.embed; assert 'ray' not in sys.modules; import minibt.ray; print(minibt.ray.embed_dataset)"
+    code = ("import sys, minibt, minibt.embed, minibt.tools.cli, minibt.tools.ray_command\n"
+            "assert 'ray' not in sys.modules and 'pyarrow' not in sys.modules\n"
+            "import minibt.ray; print(minibt.ray.embed_dataset)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "embed_dataset" in r.stdout, r.stderr
 
 
 def test_without_the_extra_the_command_says_what_to_install():
     code = ("import sys; sys.modules['ray'] = None\n"            # as if ray were not installed
-            "import argparse, minibt.tools.ray as m\n"
-            "p = argparse.ArgumentParser(); m.add_arguments(p)\n"   # the CLI can still build its parser
+            "import argparse, minibt.tools.ray as m, minibt.tools.ray_command as c\n"
+            "p = argparse.ArgumentParser(); c.add_arguments(p)\n"   # the CLI can still build its parser
             "try:\n    m.embed_dataset(None, 'x')\nexcept minibt.MinibtError as e:\n    print('A', e)\n"
             "try:\n    import minibt.ray\nexcept ImportError as e:\n    print('B', e)\n")
     r = subprocess.run([sys.executable, "-c", "import minibt\n" + code], capture_output=True, text=True, timeout=120)
