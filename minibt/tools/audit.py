@@ -99,7 +99,7 @@ def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None)
     float64 on a copy of the model. Prints nothing; see AuditResult.table() and write_report()."""
     inputs = dict(inputs)
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
-    names = list(backends) if backends else [n for n in attention.backends()]
+    names = list(backends) if backends else attention.functions()
     dtype = next(model.parameters()).dtype
     ref = copy.deepcopy(model).to(torch.float64)
     ref_attn, ref_hidden = _trace(ref, attention.get("naive"), inputs)
