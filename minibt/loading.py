@@ -46,7 +46,7 @@ def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, 
         raise ConfigError(f"{config_path}: model_type={model_type!r} is not supported; minibt has "
                           f"{', '.join(MODEL_TYPES)}")
     cls = MODEL_TYPES[model_type]
-    head = pick_head(config, head, cls.heads, config_path)
+    head = pick_head(config, head, cls.head_kinds, config_path)
     dtype = pick_dtype(dtype, config, device)
     checkpoint = Checkpoint(folder)
     spec = weights_map(cls.family)

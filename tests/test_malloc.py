@@ -34,7 +34,9 @@ def run(mode: str):
 
 
 def test_freed_activation_stays_for_reuse():
-    assert run("keep") == ("True", "True", 0)
+    applied, once, released_mib = run("keep")
+    assert (applied, once) == ("True", "True")
+    assert released_mib <= 1           # the 24 MiB block stayed resident (within 1 MiB of page-count noise)
 
 
 def test_opt_out_leaves_glibc_defaults():

@@ -157,7 +157,7 @@ class ClassifierHead(nn.Module):
 class Bert(Model):
     family = "bert"
     config_class = BertConfig
-    heads = ("base", "masked-lm", "sequence-classification")
+    head_kinds = ("base", "masked-lm", "sequence-classification")
     has_pooler = True
     classifier_act: str | None = None               # RoBERTa: tanh, DistilBERT: relu (they have no pooler)
 

@@ -117,7 +117,7 @@ class Model(nn.Module):
 
     family = "?"
     causal = False                      # decoders (OPT, Llama): True
-    heads: tuple = ()                   # the model heads this family has: "base", "masked-lm", ...
+    head_kinds: tuple = ()              # the model heads this family can have: "base", "masked-lm", ...
     source: Path | None = None          # the folder it was loaded from (set by loading.py)
     generation: dict = {}               # eos/pad/bos token ids from config.json + generation_config.json
     attn = "auto"                       # the name of the attention backend in use

@@ -215,7 +215,7 @@ class LlamaLayer(nn.Module):
 class Llama(Model):
     family = "llama"
     causal = True
-    heads = ("base", "causal-lm")
+    head_kinds = ("base", "causal-lm")
 
     def __init__(self, cfg: LlamaConfig, head: str = "causal-lm"):
         super().__init__()

@@ -116,7 +116,7 @@ class OPTLayer(nn.Module):
 class OPT(Model):
     family = "opt"
     causal = True
-    heads = ("base", "causal-lm")
+    head_kinds = ("base", "causal-lm")
 
     def __init__(self, cfg: OPTConfig, head: str = "causal-lm"):
         super().__init__()

@@ -35,13 +35,18 @@ def padded_batch(batch: int, length: int, padding: float, vocab: int, seed: int 
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def random_model(shape: str, dtype):
+def random_model(shape: str, dtype, compile: bool = False):
     """A bert-shaped minibt model with random weights (no checkpoint, no download)."""
+    from ..kernels import compile as compile_transform
     from ..models.bert import Bert, BertConfig
     c = SHAPES[shape]
     torch.manual_seed(0)
-    cfg = BertConfig(30522, c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["intermediate_size"])
-    return Bert(cfg, pooler=False).to(dtype).eval()
+    cfg = BertConfig(vocab_size=30522, hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+                     num_heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"])
+    model = Bert(cfg, pooler=False).to(dtype).eval()
+    if compile:
+        compile_transform.apply(model)
+    return model
 
 
 def load_contenders(spec: str | None):
@@ -102,10 +107,10 @@ def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.7
         folder = model
     if folder is not None:
         ours = from_hub(folder, dtype=dtype, head="base")
-        twin = from_hub(folder, dtype=dtype, head="base").compile_layers() if compile else None
+        twin = from_hub(folder, dtype=dtype, head="base", compile=True) if compile else None
     else:
         ours = random_model(model, dtype)
-        twin = random_model(model, dtype).compile_layers() if compile else None
+        twin = random_model(model, dtype, compile=True) if compile else None
     models = {**contenders(ours, list(backends), twin), **extra}
     cfg = ours.config
     peak = matmul_peak(dtype)

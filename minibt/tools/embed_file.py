@@ -100,7 +100,7 @@ def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, 
             texts = list(itertools.islice(lines, chunk))
             if not texts:
                 break
-            vecs = embed(model, tok, texts, batch_tokens=batch_tokens).numpy()
+            vecs = embed(model, tok, texts, batch_tokens=batch_tokens, keep_memory=True).numpy()
             writer.write(done, vecs)
             done += len(texts)
             fresh += len(texts)
