@@ -12,6 +12,7 @@ from .config import Fields, read_json
 from .errors import ConfigError, InputError
 from .hub import inside
 from .kernels.malloc import keep_freed_memory
+from .tokenizer import text_list
 
 
 @dataclass
@@ -77,12 +78,7 @@ def embed(model, tok, texts, batch_size: int | None = None, batch_tokens: int = 
     Texts longer than the checkpoint's max_seq_length are truncated to it (as sentence-transformers does); an empty
     text is embedded as the empty string. keep_memory=True tells glibc's malloc to keep freed activation memory
     for reuse, process-wide (kernels/malloc.py: bf16 +5-10% here); off unless asked."""
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-    if bad is not None:
-        raise InputError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a string")
+    texts = text_list(texts)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size={batch_size!r} must be an integer >= 1 (or None)")
     if keep_memory:

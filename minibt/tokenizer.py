@@ -13,6 +13,20 @@ from .errors import ConfigError, InputError
 from .hub import inside, resolve
 
 
+def text_list(texts) -> list[str]:
+    """A list of texts, checked: a single string is one text (never one text per character)."""
+    if isinstance(texts, str):
+        return [texts]
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise InputError(f"texts must be a string or a list of strings, got {type(texts).__name__}") from None
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise InputError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a string")
+    return texts
+
+
 class Tokenizer:
     """Call it on a list of texts: right-padded tensors like transformers' tokenizers (return_tensors="pt")."""
 
@@ -41,12 +55,7 @@ class Tokenizer:
 
     def encode(self, texts, *, truncation=False, max_length=None, add_special_tokens=True):
         """Encodings of a list of texts (a single string is one text). Safe to call from several threads."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise InputError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a string")
+        texts = text_list(texts)
         tok = self.tok
         if truncation:
             limit = max_length or self.model_max_length

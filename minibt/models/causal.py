@@ -1,11 +1,11 @@
-"""What the decoders (OPT, Llama) share, as plain functions their forward calls: input checks with left padding and
-a KV cache, and the LM head's output."""
+"""What the decoders (OPT, Llama) share: plain functions their forward calls (input checks with left padding and a
+KV cache, the LM head's output) and a small base class (head kinds, tying, generate)."""
 from __future__ import annotations
 
 import torch
 
 from ..errors import InputError
-from .common import Output, check_ids, check_mask
+from .common import Model, Output, TokenLayout, check_ids, check_mask
 
 
 def causal_inputs(model, input_ids, attention_mask, position_ids, past: int):
@@ -25,6 +25,18 @@ def causal_inputs(model, input_ids, attention_mask, position_ids, past: int):
     return attention_mask, position_ids
 
 
+def causal_entry(model, input_ids, attention_mask, position_ids, cache, output_attentions):
+    """The decoders' entry: checked inputs, the attention function for this call and the token layout.
+    -> (layout, position_ids in the layout, attend, probs)."""
+    past = cache.length if cache is not None else 0
+    attention_mask, position_ids = causal_inputs(model, input_ids, attention_mask, position_ids, past)
+    backend, attend, probs = model.bind(attention_mask, output_attentions)
+    # Only a prefill is packed; a decode step reads the padded KV cache (one query per row).
+    layout = TokenLayout(attention_mask, input_ids.shape, packed=backend.packed and past == 0, causal=True,
+                         q_offset=past)
+    return layout, layout.pack(position_ids), attend, probs
+
+
 def causal_output(layout, x, lm_head, probs, cache, last_only: bool) -> Output:
     """The last hidden states and logits, unpacked; last_only: only the last position (generation's next token)."""
     if last_only:
@@ -36,7 +48,16 @@ def causal_output(layout, x, lm_head, probs, cache, last_only: bool) -> Output:
     return Output(x, logits, attentions=tuple(probs) if probs is not None else None, past_key_values=cache)
 
 
-def generate_method(model, input_ids, attention_mask=None, **kwargs):
-    """Prompt + new tokens, like transformers' generate; see minibt.generate.generate for the options."""
-    from ..generate import generate
-    return generate(model, input_ids, attention_mask=attention_mask, **kwargs)
+class CausalLM(Model):
+    """What OPT and Llama share as models: the causal-LM head kinds, the LM head tied to the embeddings, generate."""
+
+    causal = True
+    head_kinds = ("base", "causal-lm")
+
+    def tied(self):
+        return {"lm_head.weight": "embed.weight"} if self.lm_head is not None and self.config.tie_word_embeddings else {}
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Prompt + new tokens, like transformers' generate; see minibt.generate.generate for the options."""
+        from ..generate import generate
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)

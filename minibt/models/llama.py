@@ -14,8 +14,8 @@ from torch import nn
 
 from ..config import Fields
 from ..errors import ConfigError
-from .causal import causal_inputs, causal_output, generate_method
-from .common import ACTIVATIONS, Model, TokenLayout, activation
+from .causal import CausalLM, causal_entry, causal_output
+from .common import ACTIVATIONS, activation
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -212,10 +212,8 @@ class LlamaLayer(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------ model
 
-class Llama(Model):
+class Llama(CausalLM):
     family = "llama"
-    causal = True
-    head_kinds = ("base", "causal-lm")
 
     def __init__(self, cfg: LlamaConfig, head: str = "causal-lm"):
         super().__init__()
@@ -234,9 +232,6 @@ class Llama(Model):
             cfg.tie_word_embeddings = True          # checkpoints without lm_head.weight load tied
         return cls(cfg, head)
 
-    def tied(self):
-        return {"lm_head.weight": "embed.weight"} if self.lm_head is not None and self.config.tie_word_embeddings else {}
-
     def max_length(self) -> int:
         # linear / dynamic scaling stretch the trained positions by `factor`; llama3 configs already state the
         # extended length in max_position_embeddings.
@@ -248,18 +243,12 @@ class Llama(Model):
         """input_ids (B, S); attention_mask (B, past + S) over cached and new tokens (left padding);
         past_key_values: a KVCache (models/kv_cache.py) that this call reads and extends."""
         cache = past_key_values
-        past = cache.length if cache is not None else 0
-        attention_mask, position_ids = causal_inputs(self, input_ids, attention_mask, position_ids, past)
-        backend, attend, probs = self.bind(attention_mask, output_attentions)
-        # Only a prefill is packed; a decode step reads the padded KV cache (one query per row).
-        layout = TokenLayout(attention_mask, input_ids.shape, packed=backend.packed and past == 0, causal=True,
-                             q_offset=past)
+        layout, positions, attend, probs = causal_entry(self, input_ids, attention_mask, position_ids, cache,
+                                                        output_attentions)
         x = self.embed(layout.pack(input_ids))                                   # (B, S, H), or (1, T, H) packed
-        cos, sin = self.rope(layout.pack(position_ids), x.dtype)
+        cos, sin = self.rope(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, layout, attend, cache, cos, sin)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return causal_output(layout, self.norm(x), self.lm_head, probs, cache, last_only)
-
-    generate = generate_method

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import Fields
-from .causal import causal_inputs, causal_output, generate_method
-from .common import ACTIVATIONS, Model, TokenLayout, activation
+from .causal import CausalLM, causal_entry, causal_output
+from .common import ACTIVATIONS, activation
 
 # Why 2: fairseq reserved the first two rows of the position table (padding_idx + 1); hub checkpoints keep them.
 POSITION_OFFSET = 2
@@ -113,10 +113,8 @@ class OPTLayer(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------ model
 
-class OPT(Model):
+class OPT(CausalLM):
     family = "opt"
-    causal = True
-    head_kinds = ("base", "causal-lm")
 
     def __init__(self, cfg: OPTConfig, head: str = "causal-lm"):
         super().__init__()
@@ -135,9 +133,6 @@ class OPT(Model):
     def from_hf(cls, config: dict, head: str, keys: set, where: str = "config.json"):
         return cls(OPTConfig.from_hf(config, where), head)
 
-    def tied(self):
-        return {"lm_head.weight": "embed.weight"} if self.lm_head is not None and self.config.tie_word_embeddings else {}
-
     def max_length(self) -> int:
         return self.config.max_positions
 
@@ -146,16 +141,12 @@ class OPT(Model):
         """input_ids (B, S); attention_mask (B, past + S) over cached and new tokens (left padding);
         past_key_values: a KVCache (models/kv_cache.py) that this call reads and extends."""
         cache = past_key_values
-        past = cache.length if cache is not None else 0
-        attention_mask, position_ids = causal_inputs(self, input_ids, attention_mask, position_ids, past)
-        backend, attend, probs = self.bind(attention_mask, output_attentions)
-        # Only a prefill is packed; a decode step reads the padded KV cache (one query per row).
-        layout = TokenLayout(attention_mask, input_ids.shape, packed=backend.packed and past == 0, causal=True,
-                             q_offset=past)
+        layout, positions, attend, probs = causal_entry(self, input_ids, attention_mask, position_ids, cache,
+                                                        output_attentions)
         x = self.embed(layout.pack(input_ids))                                   # (B, S, E), or (1, T, E) packed
         if self.project_in is not None:
             x = self.project_in(x)                                               # E -> H
-        x = x + self.positions(layout.pack(position_ids) + POSITION_OFFSET)
+        x = x + self.positions(positions + POSITION_OFFSET)
         for layer in self.layers:
             x = layer(x, layout, attend, cache)
         if cache is not None:
@@ -165,5 +156,3 @@ class OPT(Model):
         if self.project_out is not None:
             x = self.project_out(x)                                              # H -> E
         return causal_output(layout, x, self.lm_head, probs, cache, last_only)
-
-    generate = generate_method
