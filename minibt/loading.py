@@ -61,7 +61,7 @@ def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, 
         src_parent, _, src_attr = source.rpartition(".")
         setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(src_parent), src_attr))
     model.source = folder
-    model.generation = generation_defaults(folder, config)
+    model.generation = generation_defaults(folder, config) if cls.causal else {}    # encoders never read it
     model.eval().set_attention(attn)
     if optimize:
         kernels.optimize(model)
