@@ -1,4 +1,5 @@
 """Token-budget batching, and the streaming, resumable `minibt embed --file`."""
+import errno
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, strategies as st
 
 import minibt
@@ -89,3 +91,109 @@ def test_stdin_and_resume_guards(minilm, tmp_path):
         Writer(out, 384, "<stdin>", resume=True)
     with pytest.raises(InputError, match=".npy or .jsonl"):
         Writer(tmp_path / "v.txt", 384, "<stdin>", resume=False)
+
+
+# ------------------------------------------------------------- row i = line i, whatever the bytes; safe resume
+
+from minibt.tools import cli as minibt_cli                                   # noqa: E402
+from minibt.tools import embed_file as ef                                    # noqa: E402
+
+RAW = (b"\xef\xbb\xbfa byte-order mark starts the file\n"
+       b"a stray \r carriage return inside a line\n"
+       b"a CRLF line\r\n"
+       b"invalid \xff\xfe UTF-8 bytes\n"
+       b"\n"
+       b"\x0cform feed and \xe2\x80\xa8 line separator stay in the text\n"
+       b"last line without a newline")
+TEXTS = ["a byte-order mark starts the file", "a stray \r carriage return inside a line", "a CRLF line",
+         "invalid \ufffd\ufffd UTF-8 bytes", "", "\x0cform feed and \u2028 line separator stay in the text",
+         "last line without a newline"]
+
+
+def test_row_i_is_line_i_whatever_the_bytes(minilm, tmp_path, capsys):
+    """The documented rule, identical for a file and for stdin: \\n ends a line, nothing else does."""
+    src = tmp_path / "odd.txt"
+    src.write_bytes(RAW)
+    assert ef.count_lines(src) == len(TEXTS)
+    assert minibt_cli.main(["embed", "--file", str(src), "--out", str(tmp_path / "f.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "1 line(s) had invalid UTF-8 (first: line 4)" in err and "100%" in err and "7/7 lines" in err
+    p = cli("--file", "-", "--out", str(tmp_path / "s.jsonl"), stdin=open(src, "rb"))
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    assert "%" not in p.stderr.read().split("line(s)")[0]                    # stdin: no total, rate only
+    from_file = [json.loads(x) for x in (tmp_path / "f.jsonl").read_text().splitlines()]
+    from_stdin = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in from_file] == list(range(len(TEXTS)))
+    want = minibt.embed(minibt.from_hub(minilm), minibt.load_tokenizer(minilm), TEXTS).numpy()
+    for rows in (from_file, from_stdin):
+        assert np.abs(np.array([r["vector"] for r in rows]) - want).max() < 1e-5
+
+
+def test_chunk_zero_is_refused(minilm, tmp_path):
+    src = corpus(tmp_path / "c.txt", n=3)
+    p = cli("--file", str(src), "--out", str(tmp_path / "v.npy"), "--chunk", "0")
+    assert p.wait(timeout=120) == 2 and "--chunk: must be >= 1, got 0" in p.stderr.read()
+    with pytest.raises(InputError, match="chunk=0"):
+        ef.embed_file(None, None, str(src), tmp_path / "w.npy", chunk=0)
+
+
+def interrupted(minilm, tmp_path, monkeypatch, capsys, suffix=".npy", fail_at=3):
+    """A run stopped by a full disk in its `fail_at`-th data write, half of that write on disk."""
+    src = corpus(tmp_path / "c.txt", n=150)
+    out = tmp_path / f"v{suffix}"
+    calls = {"n": 0}
+    real = ef.Writer._write
+
+    def disk_full(self, data, hashed=True):
+        calls["n"] += 1
+        if calls["n"] == fail_at + 1:                                # +1: the header write comes first
+            self.file.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, data, hashed)
+    with monkeypatch.context() as m:
+        m.setattr(ef.Writer, "_write", disk_full)
+        assert minibt_cli.main(["embed", "--file", str(src), "--out", str(out), "--chunk", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full (ENOSPC)" in err and "first 64 rows are safely on disk" in err and "--resume" in err
+    return src, out
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".jsonl"])
+def test_disk_full_then_resume_gives_the_whole_file(minilm, tmp_path, monkeypatch, capsys, suffix):
+    src, out = interrupted(minilm, tmp_path, monkeypatch, capsys, suffix)
+    whole = tmp_path / f"whole{suffix}"
+    assert minibt_cli.main(["embed", "--file", str(src), "--out", str(whole), "--chunk", "32"]) == 0
+    assert minibt_cli.main(["embed", "--file", str(src), "--out", str(out), "--chunk", "32", "--resume"]) == 0
+    assert out.read_bytes() == whole.read_bytes()
+    assert not (tmp_path / f"v{suffix}.progress").exists()
+
+
+def test_resume_refuses_another_model_an_edited_input_or_a_short_output(minilm, tmp_path, monkeypatch, capsys):
+    src, out = interrupted(minilm, tmp_path, monkeypatch, capsys)
+    resume = ["embed", "--file", str(src), "--out", str(out), "--chunk", "32", "--resume"]
+    # another model of the same width: the bundled MiniLM with one middle-layer weight changed
+    model, tok = minibt.from_hub(minilm), minibt.load_tokenizer(minilm)
+    with torch.no_grad():
+        model.layers[3].state_dict()[next(iter(model.layers[3].state_dict()))].mul_(1.01)
+    with pytest.raises(InputError, match="another model"):
+        ef.embed_file(model, tok, str(src), out, resume=True, chunk=32)
+    assert minibt_cli.main([*resume, "--dtype", "bf16"]) == 2 and "another model" in capsys.readouterr().err
+    # an edited input: one character of a line already embedded
+    original = src.read_bytes()
+    src.write_bytes(original.replace(b"a", b"A", 1))
+    assert minibt_cli.main(resume) == 2 and "the input changed" in capsys.readouterr().err
+    src.write_bytes(original)
+    # a partial output shorter than its progress record
+    data = out.read_bytes()
+    out.write_bytes(data[:200])
+    assert minibt_cli.main(resume) == 2 and "shorter than the" in capsys.readouterr().err
+    # long enough, but a byte of the committed rows changed
+    state = json.loads((tmp_path / "v.npy.progress").read_text())
+    bad = bytearray(data)
+    bad[state["bytes"] - 4] ^= 0xFF
+    out.write_bytes(bytes(bad))
+    assert minibt_cli.main(resume) == 2 and "not what this run wrote" in capsys.readouterr().err
+    out.write_bytes(data)
+    assert minibt_cli.main(resume) == 0
+    want = minibt.embed(minibt.from_hub(minilm), tok, src.read_text().split("\n")[:-1]).numpy()
+    assert np.abs(np.load(out) - want).max() < 1e-5
