@@ -153,11 +153,14 @@ class Writer:
 
     def _write(self, data: bytes, hashed=True):
         try:
-            self.file.write(data)
-            if hashed:
-                self.sha.update(data)
+            self._raw_write(data)
         except OSError as e:
             self._failed(e)
+        if hashed:
+            self.sha.update(data)
+
+    def _raw_write(self, data: bytes):
+        self.file.write(data)
 
     def _failed(self, e: OSError):
         why = "the disk is full (ENOSPC)" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
