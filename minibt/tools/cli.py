@@ -256,6 +256,9 @@ def generate_args(p):
 
 def generate_run(args):
     import minibt
+    if args.attn == "fused":
+        raise MinibtError("--attn fused is the encoder-layer fastpath; generate runs decoders: use one of "
+                          + ", ".join(n for n in BACKENDS if n != "fused"))
     model, name = load(args)
     if getattr(model, "lm_head", None) is None:
         raise MinibtError(f"{name}: not a causal LM checkpoint (no LM head); generate needs OPT or Llama")
