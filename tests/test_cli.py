@@ -306,3 +306,17 @@ def test_progress_bar_line():
 def test_python_m_minibt_and_version():
     r = run("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"minibt {minibt.__version__}"
+
+
+def test_version_falls_back_to_pyproject(monkeypatch):
+    """A plain checkout on sys.path, with no installed metadata: the version comes from pyproject.toml."""
+    import importlib.metadata
+
+    asked = []
+
+    def missing(name):
+        asked.append(name)
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert minibt.__version__ == version and asked == ["minibt"]
