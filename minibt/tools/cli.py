@@ -5,6 +5,11 @@ the parser and the README's command table (checked by tests/test_cli.py) all com
 its own flags with `add_arguments(parser)` and runs with `run(args)`; shared flags (--model, --attn, --dtype) come
 from the helpers below, so they are validated the same way everywhere.
 
+Adding a command (e.g. `serve`): give its module `add_arguments(parser)` and `run(args)` (no torch import at the
+module's top), add one `Command(...)` to COMMANDS and its row to the README's command table (tests/test_cli.py
+fails until the row lists exactly the parser's flags). A flag several commands share (e.g. `--quantize`) gets one
+`add_*` helper here, called from each command's arguments function, so it is defined and validated once.
+
 Nothing here imports torch at module level: `minibt --help` and `--version` stay fast. The list of attention
 backends comes from minibt.attention.backends(), read only when a command's help is shown or --attn is given.
 """
