@@ -28,8 +28,8 @@ class AuditResult:
     title: str = ""                                # names the model and dtype on plots
 
     def table(self) -> str:
-        lines = [f"| backend | ms / forward | peak live MB | max rel. error (hidden states and attention outputs) | first layer out of tolerance "
-                 f"({TOLERANCE[self.dtype]:.0e}) |", "|---|---|---|---|---|"]
+        lines = ["| backend | ms / forward | peak live MB | max rel. error (hidden states and attention outputs) | "
+                 f"first layer out of tolerance ({TOLERANCE[self.dtype]:.0e}) |", "|---|---|---|---|---|"]
         for name, s in self.summary.items():
             bad = "none" if s["first_bad_layer"] is None else str(s["first_bad_layer"])
             lines.append(f"| {name} | {s['ms']:.1f} | {s['peak_mb']:.1f} | {s['max_rel']:.1e} | {bad} |")
