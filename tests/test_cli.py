@@ -237,7 +237,8 @@ def test_help_and_version_do_not_import_torch():
     assert "usage: minibt" in r.stdout and r.stdout.strip().endswith("torch imported: False")
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert minibt.__version__ == version and f"minibt {version}" in r.stdout
-    assert (ROOT / "LICENSE").read_text().startswith("MIT License") and "minibt authors" in (ROOT / "LICENSE").read_text()
+    license = (ROOT / "LICENSE").read_text()
+    assert license.startswith("MIT License") and "minibt authors" in license
 
 
 def test_fp16_on_cpu_is_one_clean_line(minilm):

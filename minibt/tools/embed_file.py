@@ -10,11 +10,12 @@ Row i of the output is line i of the input, whatever the bytes. The rule, the sa
 
 Lines are read in chunks; each chunk is embedded and appended to the output, then a small progress record next to
 it (out + ".progress", replaced atomically) says how many rows and bytes are safely on disk, with fingerprints of
-the model (config, pooling, and each weight tensor's name, dtype and first bytes), of the input consumed so far (SHA-256 of its
-bytes) and of the output written so far (SHA-256). `--resume` checks all three before appending, so a resume with
-another model, an edited input or a damaged output is refused with a clear error instead of mixing rows; the output
-is cut back to the last recorded byte, dropping a half-written chunk. A full disk (ENOSPC) or any other write error
-stops the run with a clear error; the record still describes what is safely on disk, so `--resume` continues.
+the model (config, pooling, and each weight tensor's name, dtype and first bytes), of the input consumed so far
+(SHA-256 of its bytes) and of the output written so far (SHA-256). `--resume` checks all three before appending,
+so a resume with another model, an edited input or a damaged output is refused with a clear error instead of
+mixing rows; the output is cut back to the last recorded byte, dropping a half-written chunk. A full disk (ENOSPC)
+or any other write error stops the run with a clear error; the record still describes what is safely on disk, so
+`--resume` continues.
 """
 from __future__ import annotations
 
