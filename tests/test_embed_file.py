@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,27 @@ def test_resume_refuses_another_model_an_edited_input_or_a_short_output(minilm, 
     assert minibt_cli.main(resume) == 0
     want = minibt.embed(minibt.from_hub(minilm), tok, src.read_text().split("\n")[:-1]).numpy()
     assert np.abs(np.load(out) - want).max() < 1e-5
+
+
+@given(st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"")), max_size=30), st.booleans())
+def test_line_rule_keeps_one_row_per_line(lines, trailing_newline):
+    """Whatever the bytes (\r, invalid UTF-8, U+2028...), the reader yields exactly one text per b"\n"-line, in
+    order, as many as the progress bar's total counts, and hashes exactly the bytes it consumed."""
+    import hashlib
+    import io
+    import tempfile
+    data = b"\n".join(lines) + (b"\n" if trailing_newline else b"")
+    want = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+    reader = ef.Lines(io.BytesIO(data))
+    texts = reader.take(10**6)
+    assert len(texts) == want
+    assert reader.bytes == len(data) and reader.sha.hexdigest() == hashlib.sha256(data).hexdigest()
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        assert ef.count_lines(Path(f.name)) == want
+    segments = data.split(b"\n")[:want]
+    for i, text in enumerate(texts):
+        raw = segments[i][:-1] if segments[i].endswith(b"\r") else segments[i]
+        raw = raw[3:] if i == 0 and raw.startswith(b"\xef\xbb\xbf") else raw
+        assert text == raw.decode("utf-8", errors="replace")
