@@ -60,21 +60,21 @@ def test_file_to_npy_equals_embed_in_memory(minilm, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".npy", ".jsonl"])
 def test_resume_after_kill_gives_the_same_file(minilm, tmp_path, suffix):
-    src = corpus(tmp_path / "c.txt")
+    src = corpus(tmp_path / "c.txt", n=600)
     whole, killed = tmp_path / f"whole{suffix}", tmp_path / f"killed{suffix}"
-    assert cli("--file", str(src), "--out", str(whole), "--chunk", "100").wait(timeout=900) == 0
-    p = cli("--file", str(src), "--out", str(killed), "--chunk", "100")
+    assert cli("--file", str(src), "--out", str(whole), "--chunk", "50").wait(timeout=900) == 0
+    p = cli("--file", str(src), "--out", str(killed), "--chunk", "50")
     progress = tmp_path / f"killed{suffix}.progress"
     deadline = time.time() + 600
     while time.time() < deadline:                                        # kill it mid-file, after some chunks
-        if progress.exists() and json.loads(progress.read_text())["rows"] >= 300:
+        if progress.exists() and json.loads(progress.read_text())["rows"] >= 150:
             break
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     rows = json.loads(progress.read_text())["rows"]
-    assert 300 <= rows < 1200
-    r = cli("--file", str(src), "--out", str(killed), "--chunk", "100", "--resume")
+    assert 150 <= rows < 600
+    r = cli("--file", str(src), "--out", str(killed), "--chunk", "50", "--resume")
     assert r.wait(timeout=900) == 0, r.stderr.read()
     assert killed.read_bytes() == whole.read_bytes()
     assert not progress.exists()
