@@ -1,13 +1,19 @@
 """minibt: BERT, RoBERTa, DistilBERT, OPT and Llama in plain PyTorch, every attention call through one interface."""
 from __future__ import annotations
 
-from . import attention, errors
-from .embed import embed
+import sys
+import types
+
+from . import errors
 from .errors import MinibtError
 from .hub import bundled_model
-from .tokenizer import load_tokenizer
 
-__all__ = ["from_hub", "load_tokenizer", "embed", "audit", "bundled_model", "attention", "errors", "MinibtError"]
+__all__ = ["from_hub", "load_tokenizer", "embed", "Encoder", "audit", "bundled_model", "attention", "errors",
+           "MinibtError", "__version__"]
+
+# Public names imported on first use (PEP 562), so `import minibt` (and `minibt --help`) does not import torch.
+_LAZY = {"attention": (".attention", None), "embed": (".embed", "embed"), "Encoder": (".encoder", "Encoder"),
+         "load_tokenizer": (".tokenizer", "load_tokenizer"), "audit": (".tools.audit", "audit")}
 
 
 def from_hub(name_or_path, attn: str = "auto", dtype=None, device="cpu", revision=None, head: str = "auto",
@@ -24,7 +30,31 @@ def from_hub(name_or_path, attn: str = "auto", dtype=None, device="cpu", revisio
 
 
 def __getattr__(name):
-    if name == "audit":                      # tooling: imported on first use, never by the core itself
-        from .tools.audit import audit
-        return audit
-    raise AttributeError(f"module 'minibt' has no attribute {name!r}")
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return version("minibt")
+        except PackageNotFoundError:          # a plain checkout on sys.path: read pyproject.toml
+            import re
+            from pathlib import Path
+            text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+            return re.search(r'^version = "([^"]+)"', text, re.M).group(1)
+    if name not in _LAZY:
+        raise AttributeError(f"module 'minibt' has no attribute {name!r}")
+    import importlib
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module, __name__)
+    return value if attr is None else getattr(value, attr)
+
+
+class _Module(types.ModuleType):
+    """`minibt.embed` is the function, while `minibt/embed.py` is also a submodule: the import system binds a
+    submodule onto its package when first imported, which would hide the function; keep the function."""
+
+    def __setattr__(self, name, value):
+        if name == "embed" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Module
