@@ -57,12 +57,9 @@ class _Backends:
     """argparse `choices` for attention backends, read from the registry only when needed (importing the registry
     imports torch, which `minibt --help` should not pay for)."""
 
-    def __init__(self, *extra):
-        self.extra = extra
-
     def names(self):
         from .. import attention
-        return sorted(set(attention.backends()) | set(self.extra))
+        return attention.backends()
 
     def __contains__(self, name):
         return name in self.names()
@@ -71,9 +68,8 @@ class _Backends:
         return iter(self.names())
 
 
-# "auto" and "fused" are names from_hub accepts; the registry lists them too once the core says so (then this
-# union is a no-op). Everything else comes from minibt.attention.backends().
-BACKENDS = _Backends("auto", "fused")
+# Every name comes from minibt.attention.backends() (attention functions, the auto route, the fused transform).
+BACKENDS = _Backends()
 
 
 class _BackendList:
