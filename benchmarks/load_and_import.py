@@ -84,8 +84,9 @@ def main():
     body = (f"Median of {args.repeat} fresh processes each, interleaved. `import`: `import minibt` vs "
             "`import transformers; transformers.BertModel`. `load`: `minibt.from_hub(folder)` vs "
             "`AutoModel.from_pretrained(folder)` after the import. RSS: growth of peak RSS over the "
-            "post-import baseline, after the load and after one forward (B1 S16): minibt maps the safetensors file "
-            "and reads pages on first use, so the second row is the honest one.\n\n"
+            "post-import baseline, after the load and after one forward (B1 S16). minibt reads the tensor bytes into "
+            "memory the model owns at load (no memory map: a checkpoint rewritten after loading cannot change the "
+            "model), so the load reads the whole file.\n\n"
             + table(["measure", "minibt", "transformers", "ratio", "goal", ""], rows))
     write_section("load_and_import", body)
 

@@ -2,15 +2,17 @@
 checkpoint), computed at deployment speed: tokenise once, sort by token count, batch by a token budget."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .config import Fields, read_json
 from .errors import ConfigError, InputError
+from .hub import inside
 from .kernels.malloc import keep_freed_memory
+from .tokenizer import text_list
 
 
 @dataclass
@@ -26,18 +28,21 @@ class Recipe:
         recipe = cls()
         if folder is None:
             return recipe
-        modules = _json(folder / "modules.json") or []
-        pool_dir = next((m.get("path") for m in modules if m.get("type", "").endswith("Pooling")), "1_Pooling")
-        pool = _json(folder / pool_dir / "config.json") or {}
+        modules = read_json(inside(folder, "modules.json"), kind=list) or []
+        if not all(isinstance(m, dict) for m in modules):
+            raise ConfigError(f"{folder / 'modules.json'}: must be a list of objects")
+        pool_dir = next((m.get("path") for m in modules if str(m.get("type", "")).endswith("Pooling")), "1_Pooling")
+        pool = read_json(inside(folder, f"{pool_dir}/config.json")) or {}
         modes = [m for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens") if pool.get(f"pooling_mode_{m}")]
         if len(modes) > 1 or modes and modes[0] == "mean_sqrt_len_tokens":
             raise ConfigError(f"{folder / pool_dir / 'config.json'}: pooling {modes} is not supported (one of cls, mean, max)")
         if modes:
             recipe.pooling = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max"}[modes[0]]
-        recipe.normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
-        st = _json(folder / "sentence_bert_config.json") or {}
-        recipe.max_seq_length = st.get("max_seq_length")
-        recipe.lowercase = bool(st.get("do_lower_case", False))
+        recipe.normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+        st = Fields(read_json(inside(folder, "sentence_bert_config.json")) or {},
+                    str(folder / "sentence_bert_config.json"))
+        recipe.max_seq_length = st.int("max_seq_length", None, none_ok=True)
+        recipe.lowercase = st.bool("do_lower_case", False)
         return recipe
 
 
@@ -46,8 +51,9 @@ def pool(hidden, mask, how: str):
     m = mask.unsqueeze(-1).to(hidden.dtype)
     if how == "cls":
         return hidden[:, 0]
-    if how == "max":
-        return hidden.masked_fill(m == 0, float("-inf")).amax(1)
+    if how == "max":                    # a text with no token at all pools to zeros, not -inf
+        return hidden.masked_fill(m == 0, float("-inf")).amax(1).clamp(min=torch.finfo(hidden.dtype).min) \
+            * (m.sum(1) > 0)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
@@ -66,17 +72,23 @@ def token_batches(lengths, batch_tokens: int, batch_size: int | None = None):
 
 
 @torch.inference_mode()
-def embed(model, tok, texts, batch_size: int | None = None, batch_tokens: int = 4096) -> torch.Tensor:
-    """(N, H) float32 vectors in the order of `texts`. Texts longer than the checkpoint's max_seq_length are
-    truncated to it (as sentence-transformers does); an empty text is embedded as the empty string.
-    Freed activation memory is kept for reuse, process-wide (kernels/malloc.py; MINIBT_KEEP_MEMORY=0: off)."""
-    keep_freed_memory()
-    recipe = Recipe.read(getattr(model, "source", None))
+def embed(model, tok, texts, batch_size: int | None = None, batch_tokens: int = 4096,
+          keep_memory: bool = False) -> torch.Tensor:
+    """(N, H) float32 vectors in the order of `texts` (a list of strings; a single string is one text: (1, H)).
+    Texts longer than the checkpoint's max_seq_length are truncated to it (as sentence-transformers does); an empty
+    text is embedded as the empty string. keep_memory=True tells glibc's malloc to keep freed activation memory
+    for reuse, process-wide (kernels/malloc.py: bf16 +5-10% here); off unless asked."""
+    texts = text_list(texts)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size={batch_size!r} must be an integer >= 1 (or None)")
+    if keep_memory:
+        keep_freed_memory()
+    recipe = Recipe.read(model.source)
     limit = min(x for x in (recipe.max_seq_length, model.max_length()) if x)
-    if batch_tokens < limit:
+    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < limit:
         raise InputError(f"batch_tokens={batch_tokens} is below the longest possible text ({limit} tokens, "
                          "max_seq_length): raise it")
-    texts = [t.lower() for t in texts] if recipe.lowercase else list(texts)
+    texts = [t.lower() for t in texts] if recipe.lowercase else texts
     encs = tok.encode(texts, truncation=True, max_length=limit)
     out = torch.empty(len(texts), model.config.hidden_size)
     device = next(model.parameters()).device
@@ -86,7 +98,3 @@ def embed(model, tok, texts, batch_size: int | None = None, batch_tokens: int = 
         vecs = pool(hidden.float(), batch["attention_mask"], recipe.pooling)
         out[idx] = (F.normalize(vecs, dim=-1) if recipe.normalize else vecs).cpu()
     return out
-
-
-def _json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,46 +1,46 @@
 """Generation: a preallocated KV cache, one prefill, then one token per step."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from .errors import InputError
+from .models.common import check_mask
+from .models.kv_cache import KVCache
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated: (layers, B, Hkv, max_len, D) each; `length` positions filled.
+def check_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed):
+    """Each generation argument in its range; the error names the argument and the range."""
+    def bad(name, value, rule):
+        raise InputError(f"{name}={value!r}: {rule}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        bad("max_new_tokens", max_new_tokens, "must be an integer >= 0")
+    if not isinstance(temperature, (int, float)) or not temperature == temperature or temperature == float("inf"):
+        bad("temperature", temperature, "must be a finite number")
+    if do_sample and temperature <= 0:
+        bad("temperature", temperature, "must be > 0 when sampling")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        bad("top_k", top_k, "must be an integer >= 1 (or None)")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        bad("top_p", top_p, "must be in (0, 1] (or None)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        bad("seed", seed, "must be an integer >= 0 (or None)")
 
-    Stored in the padded (B, S) layout. A packed prefill (varlen) is unpacked into it once per layer, and decode
-    steps append one column.
-    """
 
-    def __init__(self, layers, batch, kv_heads, max_len, head_dim, dtype, device):
-        self.k = torch.zeros(layers, batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0
-
-    @classmethod
-    def for_model(cls, model, batch: int, max_len: int) -> "KVCache":
-        layers, kv_heads, head_dim = model.kv_shape()
-        p = model.embed.weight
-        return cls(layers, batch, kv_heads, max_len, head_dim, p.dtype, p.device)
-
-    def writer(self, layer: int, packing=None) -> Callable:
-        """fn(k, v) -> the keys and values this layer's attention reads, after storing the new ones."""
-        start = self.length
-
-        def write(k, v):                                        # k, v: (B, Hkv, S, D), or packed (1, Hkv, T, D)
-            if packing is not None:
-                for cache, new in ((self.k, k), (self.v, v)):
-                    padded = packing.unpack(new.transpose(1, 2)).transpose(1, 2)         # (B, Hkv, S, D)
-                    cache[layer, :, :, start:start + padded.shape[2]] = padded
-                return k, v                                     # the packed prefill attends its own packed tokens
-            end = start + k.shape[2]
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
-            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        return write
+def left_pad(input_ids, attention_mask):
+    """Decoders continue each row from its last column, so prompts must be left-padded. Right- or holey-padded
+    rows are repacked (their real tokens moved, in order, to the right end), never continued from padding."""
+    mask = attention_mask.bool()
+    if not bool((mask[:, 1:] < mask[:, :-1]).any()):          # every row: padding only before its real tokens
+        return input_ids, attention_mask
+    b, s = input_ids.shape
+    ids, out = torch.zeros_like(input_ids), torch.zeros_like(attention_mask)
+    for row in range(b):
+        real = input_ids[row][mask[row]]
+        n = real.numel()
+        if n:
+            ids[row, s - n:] = real
+            out[row, s - n:] = 1
+    return ids, out
 
 
 def pick_next(logits, *, do_sample, temperature, top_k, top_p, generator):
@@ -62,24 +62,26 @@ def pick_next(logits, *, do_sample, temperature, top_k, top_p, generator):
 @torch.inference_mode()
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, temperature=1.0,
              top_k=None, top_p=None, seed=None, eos_token_id=None, pad_token_id=None, streamer=None):
-    """(B, S) left-padded prompts -> (B, S + new). Rows that produced eos_token_id are padded with pad_token_id
+    """(B, S) prompts, left-padded (right padding is repacked to the left) -> (B, S + new). Rows that produced eos_token_id are padded with pad_token_id
     afterwards, and generation stops when every row has. eos/pad default to the checkpoint's generation_config.json
     or config.json (pass eos_token_id=[] to never stop early). `streamer(ids)` gets each step's (B,) tokens."""
+    if not getattr(model, "causal", False):
+        raise InputError(f"generate needs a decoder (OPT or Llama); this is a {model.family} encoder")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise InputError("generate needs input_ids as a (batch, prompt length) tensor")
     b, s = input_ids.shape
     if s == 0:
         raise InputError("generate needs a prompt of at least one token")
+    attention_mask = check_mask(attention_mask, input_ids.shape)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
-                         f"{tuple(input_ids.shape)}")
+    input_ids, attention_mask = left_pad(input_ids, attention_mask)
+    check_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
     limit = model.max_length()
     if s + max_new_tokens > limit:
         raise InputError(f"prompt ({s} tokens) + max_new_tokens ({max_new_tokens}) = {s + max_new_tokens} exceeds "
                          f"the model's {limit} positions (max_position_embeddings in config.json)")
-    if do_sample and temperature <= 0:
-        raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
-    defaults = getattr(model, "generation", {})     # config.json, then generation_config.json (hub.py)
+    defaults = model.generation                     # config.json, then generation_config.json (loading.py)
     if eos_token_id is None:
         eos_token_id = defaults.get("eos_token_id")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])

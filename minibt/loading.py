@@ -1,12 +1,18 @@
-"""Checkpoint -> model: apply a weights map, build on `meta`, fill every parameter exactly once.
+"""The one load plan: a hub repo id or folder -> a model on its device, every parameter filled exactly once.
 
-Reads only safetensors (mmap'd by the safetensors library), casts once to the target dtype and assigns the
-tensors into the model (`load_state_dict(assign=True)`): no random init, no second copy of the weights.
+    resolve files (hub.py) -> read config.json -> pick the family and head -> read every safetensors header (one
+    parser, here) -> map checkpoint keys to parameter names once (weights_map/<family>.toml) -> build on `meta`
+    without random init -> check: nothing missing, unexpected or mis-shaped, in one error -> read the tensors,
+    casting once -> assign (load_state_dict(assign=True)) -> tie -> eval, attention backend, kernel transforms.
+
+Memory contract: tensor bytes are read from the file into memory the model owns (a concatenation or a cast reads
+straight into its result, so no second copy is made). The files are not memory-mapped: once loaded, rewriting,
+truncating or deleting a checkpoint file cannot change a live model or crash the process. Pickle checkpoints are
+never read.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import re
 import tomllib
 import warnings
@@ -16,11 +22,105 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from torch.overrides import TorchFunctionMode
 
+from . import kernels
+from .config import Fields, read_json
 from .errors import CheckpointError, ConfigError
+from .hub import inside, resolve
 
 _LAYER = re.compile(r"\.(\d+)\.")
+HEAD_SUFFIXES = {"ForMaskedLM": "masked-lm", "ForPreTraining": "masked-lm", "ForCausalLM": "causal-lm",
+                 "ForSequenceClassification": "sequence-classification"}
+REPORT_LIMIT = 30          # problems listed by name per kind in a CheckpointError; the rest are counted
+
+
+def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, head="auto", compile=False,
+         optimize=True):
+    from .models import MODEL_TYPES
+    folder = resolve(name_or_path, revision)
+    config_path = inside(folder, "config.json")
+    config = read_json(config_path, required=True)
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"{config_path}: model_type={model_type!r} is not supported; minibt has "
+                          f"{', '.join(MODEL_TYPES)}")
+    cls = MODEL_TYPES[model_type]
+    head = pick_head(config, head, cls.head_kinds, config_path)
+    dtype = pick_dtype(dtype, config, device)
+    checkpoint = Checkpoint(folder)
+    spec = weights_map(cls.family)
+    plan, unexpected = map_keys(checkpoint.keys(), spec)
+    with skip_init(), torch.device("meta"):
+        model = cls.from_hf(config, head, set(plan), str(config_path))
+    check_plan(model, plan, unexpected, checkpoint, spec)
+    state = {target: checkpoint.read(sources, dtype).to(device) for target, sources in plan.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    for target, source in model.tied().items():
+        parent, _, attr = target.rpartition(".")
+        src_parent, _, src_attr = source.rpartition(".")
+        setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(src_parent), src_attr))
+    model.source = folder
+    model.generation = generation_defaults(folder, config) if cls.causal else {}    # encoders never read it
+    model.eval().set_attention(attn)
+    if optimize:
+        kernels.optimize(model)
+    if compile:
+        from .kernels import compile as compile_transform
+        compile_transform.apply(model)
+    return model
+
+
+def pick_head(config: dict, head: str, available, where) -> str:
+    if head == "auto":
+        archs = config.get("architectures") or [""]
+        arch = archs[0] if isinstance(archs, list) and isinstance(archs[0], str) else ""
+        head = next((h for suffix, h in HEAD_SUFFIXES.items() if arch.endswith(suffix)), "base")
+        return head if head in available else "base"
+    if head not in available:
+        raise ConfigError(f"head={head!r} is not available for model_type={config.get('model_type')!r} ({where}); "
+                          f"choose from {', '.join(available)}")
+    return head
+
+
+def generation_defaults(folder: Path, config: dict) -> dict:
+    """eos/pad/bos token ids for generate(): config.json, overridden by generation_config.json when present."""
+    out = {}
+    for source, where in ((config, "config.json"),
+                          (read_json(inside(folder, "generation_config.json")) or {}, "generation_config.json")):
+        f = Fields(source, str(folder / where))
+        for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            value = source.get(key)
+            if value is None:
+                continue
+            ids = value if isinstance(value, list) else [value]
+            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                f.fail(key, value, "must be a token id (integer >= 0) or a list of them")
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- dtype
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "float64": torch.float64}
+
+
+def pick_dtype(requested, config: dict, device) -> torch.dtype:
+    """None: the checkpoint's dtype (`dtype`, or `torch_dtype` in older configs), fp32 if absent."""
+    value = requested if requested is not None else config.get("dtype", config.get("torch_dtype")) or "float32"
+    if isinstance(value, str):
+        if value.removeprefix("torch.") not in _DTYPES:
+            raise ConfigError(f"unknown dtype {value!r}; use one of {', '.join(sorted(_DTYPES))}")
+        value = _DTYPES[value.removeprefix("torch.")]
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ConfigError(f"dtype must be a floating-point torch dtype or one of {', '.join(sorted(_DTYPES))}, "
+                          f"got {value!r}")
+    if value == torch.float16 and torch.device(device).type == "cpu":
+        warnings.warn("float16 matmuls on CPU are ~1000x slower than bfloat16 here; use bfloat16",
+                      stacklevel=3)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- weights maps
@@ -28,8 +128,7 @@ _LAYER = re.compile(r"\.(\d+)\.")
 @lru_cache(maxsize=None)
 def weights_map(family: str) -> dict:
     """weights_map/<family>.toml, with `extends` resolved (child entries win)."""
-    text = _map_text(family)
-    spec = tomllib.loads(text)
+    spec = tomllib.loads(_map_text(family))
     if "extends" in spec:
         base = {k: (dict(v) if isinstance(v, dict) else v) for k, v in weights_map(spec.pop("extends")).items()}
         for key, value in spec.items():
@@ -76,90 +175,195 @@ def map_keys(names, spec: dict):
     return plan, unexpected
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
+def check_plan(model, plan: dict, unexpected: list, checkpoint: "Checkpoint", spec: dict) -> None:
+    """Every parameter and persistent buffer filled exactly once, with the right shape; one error lists every
+    problem (summarised past REPORT_LIMIT per kind). Drops from `plan` what is tied or belongs to an absent head."""
+    own = dict(model.state_dict(keep_vars=True))
+    tied = set(model.tied())
+    optional = tuple(f"{m}." for m in spec.get("optional", []))
+    missing, misshaped = [], []
+    for target in list(plan):
+        if target in tied or (target not in own and target.startswith(optional)):
+            del plan[target]            # tied to another parameter, or a head this model was built without
+        elif target not in own:
+            unexpected.extend(s for s in plan.pop(target) if s is not None)
+    for target, param in own.items():
+        if target in tied:
+            continue
+        sources = plan.get(target)
+        if sources is None or None in sources:
+            missing.append(target if sources is None else
+                           f"{target} (fused from {len(sources)} keys, only these present: {[s for s in sources if s]})")
+            continue
+        if len(sources) != len(set(sources)) or any(s is None for s in sources):
+            missing.append(target)
+            continue
+        shape = checkpoint.concat_shape(sources)
+        if shape != tuple(param.shape):
+            misshaped.append(f"{' + '.join(sources)}: checkpoint {shape}, model {tuple(param.shape)}")
+    problems = []
+    for kind, items, sep in (("missing", missing, ", "), ("unexpected", sorted(map(str, unexpected)), ", "),
+                             ("mis-shaped", misshaped, "; ")):
+        if items:
+            shown = sep.join(items[:REPORT_LIMIT])
+            more = f"{sep}... and {len(items) - REPORT_LIMIT} more" if len(items) > REPORT_LIMIT else ""
+            problems.append(f"{kind} ({len(items)}): {shown}{more}")
+    if problems:
+        raise CheckpointError(f"{checkpoint.folder}: checkpoint does not match the model built from config.json\n  "
+                              + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+class skip_init(TorchFunctionMode):
+    """Build modules without running their random init: every value comes from the checkpoint.
+
+    A torch-function mode, so it is local to the calling thread and ends with the `with` block: modules built at
+    the same time in other threads are initialised as usual. (On meta tensors the init functions would also import
+    torch._dynamo, ~0.9 s, to initialise values that are thrown away.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+MAX_HEADER = 100 << 20     # safetensors' own limit on the JSON header
+
 
 class Checkpoint:
-    """The safetensors files of a folder (single or sharded): key -> file, shape, without reading tensors."""
+    """The safetensors files of a model folder (single or sharded), read by one parser: this class.
+
+    Opening reads and checks every header (tensor names, dtypes, shapes, byte ranges inside the file, no overlap,
+    each tensor in exactly one shard, shards named by the index inside the folder); `read` reads tensor bytes."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
+            weight_map = read_json(inside(self.folder, index.name), error=CheckpointError).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: not a safetensors index (needs a non-empty 'weight_map' object)")
+            names = sorted(set(map(str, weight_map.values())))
         elif (self.folder / "model.safetensors").is_file():
-            files = ["model.safetensors"]
+            weight_map, names = None, ["model.safetensors"]
         else:
             raise CheckpointError(pickle_message(self.folder))
-        self.files = [self.folder / f for f in files]
-        self.where, self.shapes = {}, {}
-        for path in self.files:
+        self.tensors: dict[str, tuple[Path, dict]] = {}           # key -> (file, header entry)
+        for name in names:
+            path = inside(self.folder, name, "shard")
             if not path.is_file():
-                raise CheckpointError(f"{index}: names shard {path.name}, which is not in {self.folder}")
-            with self._open(path) as f:
-                for key in f.keys():
-                    self.where[key] = path
-                    self.shapes[key] = tuple(f.get_slice(key).get_shape())
+                raise CheckpointError(f"{index}: names shard {name!r}, which is not in {self.folder}")
+            for key, entry in read_header(path).items():
+                if key in self.tensors:
+                    raise CheckpointError(f"{self.folder}: tensor {key!r} is in two shards, "
+                                          f"{self.tensors[key][0].name} and {path.name}")
+                self.tensors[key] = (path, entry)
+        if weight_map is not None:
+            for key, shard in weight_map.items():
+                if key in self.tensors and self.tensors[key][0].name != Path(str(shard)).name:
+                    raise CheckpointError(f"{index}: says {key!r} is in {shard}, but it is in "
+                                          f"{self.tensors[key][0].name}")
 
-    @staticmethod
-    def _open(path):
-        try:
-            return safe_open(path, framework="pt")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    def keys(self):
+        return list(self.tensors)
 
-    def read(self, plan: dict, dtype) -> dict:
-        """{target: tensor} for {target: [source keys]}: parts concatenated on dim 0, cast to dtype.
+    def concat_shape(self, keys) -> tuple:
+        shapes = [tuple(self.tensors[k][1]["shape"]) for k in keys]
+        if len(shapes) == 1:
+            return shapes[0]
+        if any(len(s) != len(shapes[0]) or s[1:] != shapes[0][1:] for s in shapes):
+            return ("parts of different shapes:", *shapes)
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
 
-        Tensors in the file's dtype are views of a private (copy-on-write) memory map of the file: nothing is
-        copied, and pages are read from disk when first used. A cast or a concatenation makes the one copy.
-        """
-        maps = {path: _MappedFile(path) for path in self.files}
-        out = {}
-        for target, sources in plan.items():
-            parts = [maps[self.where[key]].tensor(key) for key in sources]
-            t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-            out[target] = t.to(dtype) if t.is_floating_point() else t
-            if len(parts) > 1 or out[target] is not parts[0]:
-                for key in sources:                      # the copy is what we keep: give the mapped pages back
-                    maps[self.where[key]].release(key)
-        return out
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+    def read(self, keys, dtype) -> torch.Tensor:
+        """The tensors `keys` concatenated on dim 0, floating point cast to dtype: read straight into the result
+        when no cast is needed (one copy of the bytes, in memory the model owns)."""
+        entries = [self.tensors[k] for k in keys]
+        stored = _ST_DTYPES[entries[0][1]["dtype"]]
+        if any(_ST_DTYPES[e["dtype"]] != stored for _, e in entries):
+            raise CheckpointError(f"{self.folder}: {' + '.join(keys)} mix dtypes and cannot be concatenated")
+        out = torch.empty(self.concat_shape(keys), dtype=stored)
+        row = 0
+        for key, (path, e) in zip(keys, entries):
+            n = e["shape"][0] if e["shape"] else 1
+            part = out[row:row + n] if out.dim() else out
+            _read_into(path, e, part, key)
+            row += n
+        return out.to(dtype) if out.is_floating_point() and out.dtype != dtype else out
 
 
-class _MappedFile:
-    """One safetensors file: 8-byte header length, JSON header, then the raw tensor bytes."""
-
-    def __init__(self, path: Path):
-        self.path = path
+def read_header(path: Path) -> dict:
+    """{key: {dtype, shape, data_offsets (absolute in the file)}}, checked; a CheckpointError names the fault."""
+    def bad(what):
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({what})")
+    try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        n = int.from_bytes(self.mm[:8], "little")
-        self.header = json.loads(self.mm[8:8 + n])
-        self.base = 8 + n
+            head = f.read(8)
+            if len(head) < 8:
+                bad("shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > min(MAX_HEADER, size - 8):
+                bad(f"header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER}-byte limit")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        bad(f"header is not JSON: {e}")
+    if not isinstance(header, dict):
+        bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    base, spans, out = 8 + n, [], {}
+    for key, e in header.items():
+        if not isinstance(e, dict) or e.get("dtype") not in _ST_DTYPES:
+            if isinstance(e, dict) and isinstance(e.get("dtype"), str):
+                raise CheckpointError(f"{path}: tensor {key!r} has dtype {e['dtype']}, which minibt cannot load")
+            bad(f"tensor {key!r}: entry needs a dtype among {', '.join(_ST_DTYPES)}")
+        shape, offsets = e.get("shape"), e.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                   for d in shape):
+            bad(f"tensor {key!r}: shape {shape!r} is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            bad(f"tensor {key!r}: data_offsets {offsets!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * _ST_DTYPES[e["dtype"]].itemsize:
+            bad(f"tensor {key!r}: {offsets[1] - offsets[0]} bytes for shape {shape} {e['dtype']}")
+        if base + offsets[1] > size:
+            bad(f"tensor {key!r} ends at byte {base + offsets[1]}, past the end of the file ({size} bytes)")
+        spans.append((offsets[0], offsets[1], key))
+        out[key] = {"dtype": e["dtype"], "shape": shape, "data_offsets": [base + offsets[0], base + offsets[1]]}
+    spans.sort()
+    for (s1, e1, k1), (s2, e2, k2) in zip(spans, spans[1:]):
+        if s2 < e1 and s2 < e2:
+            bad(f"tensors {k1!r} and {k2!r} overlap")
+    return out
 
-    def tensor(self, key) -> torch.Tensor:
-        info = self.header[key]
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {info['dtype']}, which minibt cannot load")
-        dtype = _ST_DTYPES[info["dtype"]]
-        start, end = info["data_offsets"]
-        if end == start:
-            return torch.empty(info["shape"], dtype=dtype)
-        flat = torch.frombuffer(self.mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=self.base + start)
-        return flat.view(info["shape"])
 
-    def release(self, key):
-        start, end = (self.base + o for o in self.header[key]["data_offsets"])
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE                    # whole pages inside the tensor only
-        if end - first >= mmap.PAGESIZE:
-            self.mm.madvise(mmap.MADV_DONTNEED, first, (end - first) // mmap.PAGESIZE * mmap.PAGESIZE)
+def _read_into(path: Path, entry: dict, out: torch.Tensor, key: str) -> None:
+    start, end = entry["data_offsets"]
+    if end == start:
+        return
+    buffer = out.view(-1).view(torch.uint8).numpy()
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            got = f.readinto(buffer)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e.strerror})") from None
+    if got != end - start:
+        raise CheckpointError(f"{path}: tensor {key!r} is truncated ({got} of {end - start} bytes; the file changed "
+                              "while it was read?)")
 
 
 def pickle_message(folder: Path) -> str:
@@ -169,111 +373,3 @@ def pickle_message(folder: Path) -> str:
             "Get safetensors from the hub (many repos have them on a `refs/pr/N` conversion branch: pass "
             "revision=...), or convert once in a trusted environment with transformers: "
             "`AutoModel.from_pretrained(path).save_pretrained(out, safe_serialization=True)`.")
-
-
-# ---------------------------------------------------------------------------------------------- config + dtype
-
-def read_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{folder}: no config.json")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "float64": torch.float64}
-
-
-def pick_dtype(requested, config: dict, device) -> torch.dtype:
-    """None: the checkpoint's dtype (`dtype`, or `torch_dtype` in older configs), fp32 if absent."""
-    value = requested if requested is not None else config.get("dtype", config.get("torch_dtype")) or "float32"
-    if isinstance(value, str):
-        if value.removeprefix("torch.") not in _DTYPES:
-            raise ConfigError(f"unknown dtype {value!r}; use one of {', '.join(sorted(_DTYPES))}")
-        value = _DTYPES[value.removeprefix("torch.")]
-    if value == torch.float16 and torch.device(device).type == "cpu":
-        warnings.warn("float16 matmuls on CPU are ~1000x slower than bfloat16 here; pass dtype=torch.bfloat16",
-                      stacklevel=3)
-    return value
-
-
-# ---------------------------------------------------------------------------------------------- the load
-
-@contextmanager
-def empty_model():
-    """Build modules on `meta` without running their random init: every value comes from the checkpoint.
-
-    Why patch torch.nn.init: on meta tensors normal_/uniform_ dispatch through torch._refs, whose first use
-    imports torch._dynamo (~0.9 s here) to initialise values that are thrown away.
-    """
-    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
-             "trunc_normal_", "ones_", "zeros_", "constant_")
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"):
-            yield
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.nn.init, n, fn)
-
-
-def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, spec: dict, dtype, device) -> None:
-    """Fill every parameter and persistent buffer of a meta-built `model`; one error lists every problem."""
-    plan, unexpected = map_keys(checkpoint.where, spec)
-    own = dict(model.state_dict(keep_vars=True))
-    tied = set(getattr(model, "tied", lambda: {})())
-    optional = tuple(f"{m}." for m in spec.get("optional", []))
-    problems, missing, misshaped = [], [], []
-    for target in list(plan):
-        if target in tied or (target not in own and target.startswith(optional)):
-            del plan[target]            # tied to another parameter, or a head this model was built without
-        elif target not in own:
-            unexpected.extend(plan.pop(target))
-    for target, param in own.items():
-        if target in tied:
-            continue
-        sources = plan.get(target)
-        if sources is None or None in sources:
-            missing.append(target if sources is None else
-                           f"{target} (fused from {len(sources)} keys, only these present: {[s for s in sources if s]})")
-            continue
-        shape = _concat_shape([checkpoint.shapes[s] for s in sources])
-        if shape != tuple(param.shape):
-            misshaped.append(f"{' + '.join(sources)}: checkpoint {shape}, model {tuple(param.shape)}")
-    if missing:
-        problems.append(f"missing ({len(missing)}): " + ", ".join(missing))
-    if unexpected:
-        problems.append(f"unexpected ({len(unexpected)}): " + ", ".join(sorted(unexpected)))
-    if misshaped:
-        problems.append(f"mis-shaped ({len(misshaped)}): " + "; ".join(misshaped))
-    if problems:
-        raise CheckpointError(f"{checkpoint.folder}: checkpoint does not match the model built from config.json\n  "
-                              + "\n  ".join(problems))
-    transpose = model.column_major(dtype) if hasattr(model, "column_major") else set()
-    state = {target: (t.t().contiguous().t() if target in transpose else t).to(device)
-             for target, t in checkpoint.read(plan, dtype).items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    for target, source in model.tied().items():
-        _set(model, target, _get(model, source))
-
-
-def _concat_shape(shapes):
-    if len(shapes) == 1:
-        return tuple(shapes[0])
-    return (sum(s[0] for s in shapes), *shapes[0][1:])
-
-
-def _get(model, name):
-    mod, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(mod), attr)
-
-
-def _set(model, name, value):
-    mod, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(mod), attr, value)

@@ -1,15 +1,30 @@
 """Tokenizers over the `tokenizers` library: tokenizer.json, or vocab.txt (WordPiece) / vocab.json + merges.txt."""
 from __future__ import annotations
 
-import json
+import threading
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as _Tokenizer
 from tokenizers import processors
 
+from .config import read_json
 from .errors import ConfigError, InputError
-from .hub import resolve
+from .hub import inside, resolve
+
+
+def text_list(texts) -> list[str]:
+    """A list of texts, checked: a single string is one text (never one text per character)."""
+    if isinstance(texts, str):
+        return [texts]
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise InputError(f"texts must be a string or a list of strings, got {type(texts).__name__}") from None
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise InputError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a string")
+    return texts
 
 
 class Tokenizer:
@@ -21,6 +36,10 @@ class Tokenizer:
         tok.no_padding()
         tok.no_truncation()
         self.tok, self.config, self.folder, self.type_ids = tok, config, folder, type_ids
+        # Thread safety: the Rust tokenizer's truncation is state on the object, so it is never toggled on the
+        # shared one. Each max_length gets its own truncating copy, made once and never changed afterwards.
+        self._truncating: dict[int, _Tokenizer] = {}
+        self._lock = threading.Lock()
         self.pad_token_id = self._id(config.get("pad_token")) if config.get("pad_token") else None
         limit = config.get("model_max_length")
         self.model_max_length = limit if isinstance(limit, int) and limit < 1e9 else None
@@ -35,18 +54,33 @@ class Tokenizer:
         return None if token is None else self._id(token)
 
     def encode(self, texts, *, truncation=False, max_length=None, add_special_tokens=True):
-        if isinstance(texts, str):
-            texts = [texts]
+        """Encodings of a list of texts (a single string is one text). Safe to call from several threads."""
+        texts = text_list(texts)
+        tok = self.tok
         if truncation:
             limit = max_length or self.model_max_length
             if limit is None:
                 raise InputError(f"{self.folder}: truncation=True needs max_length (tokenizer_config.json has no "
                                  "model_max_length)")
-            self.tok.enable_truncation(limit)
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise InputError(f"max_length={limit!r} must be an integer >= 1")
+            tok = self._truncating_copy(limit)
         try:
-            return self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        finally:
-            self.tok.no_truncation()
+            return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+        except Exception as e:      # the tokenizers library raises its own bare Exception
+            raise InputError(f"{self.folder}: the tokenizer could not encode the input ({e})") from None
+
+    def _truncating_copy(self, limit: int) -> _Tokenizer:
+        with self._lock:
+            if limit not in self._truncating:
+                copy = _Tokenizer.from_str(self.tok.to_str())
+                copy.no_padding()
+                try:
+                    copy.enable_truncation(limit)
+                except Exception as e:
+                    raise InputError(f"max_length={limit}: {e}") from None
+                self._truncating[limit] = copy
+            return self._truncating[limit]
 
     def __call__(self, texts, *, truncation=False, max_length=None, add_special_tokens=True, padding_side="right"):
         encs = self.encode(texts, truncation=truncation, max_length=max_length, add_special_tokens=add_special_tokens)
@@ -79,20 +113,31 @@ class Tokenizer:
 
 def load_tokenizer(name_or_path, revision=None) -> Tokenizer:
     folder = resolve(name_or_path, revision)
-    config = _read(folder / "tokenizer_config.json")
-    special = _read(folder / "special_tokens_map.json")
+    config = read_json(inside(folder, "tokenizer_config.json")) or {}
+    special = read_json(inside(folder, "special_tokens_map.json")) or {}
     for key, value in special.items():
         config.setdefault(key, value)
-    model_type = _read(folder / "config.json").get("model_type", "")
+    model_type = (read_json(inside(folder, "config.json")) or {}).get("model_type", "")
     if (folder / "tokenizer.json").is_file():
-        tok = _Tokenizer.from_file(str(folder / "tokenizer.json"))
+        path = inside(folder, "tokenizer.json")
+        try:
+            tok = _Tokenizer.from_file(str(path))
+        except Exception as e:      # the tokenizers library raises its own bare Exception
+            raise ConfigError(f"{path}: not a tokenizer file the tokenizers library can read ({e})") from None
     elif (folder / "vocab.txt").is_file():
         from tokenizers.implementations import BertWordPieceTokenizer
-        tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=config.get("do_lower_case", True))._tokenizer
+        try:
+            tok = BertWordPieceTokenizer(str(inside(folder, "vocab.txt")),
+                                         lowercase=config.get("do_lower_case", True))._tokenizer
+        except Exception as e:
+            raise ConfigError(f"{folder / 'vocab.txt'}: not a WordPiece vocabulary ({e})") from None
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         from tokenizers.implementations import ByteLevelBPETokenizer
-        tok = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                    add_prefix_space=config.get("add_prefix_space", False))._tokenizer
+        try:
+            tok = ByteLevelBPETokenizer(str(inside(folder, "vocab.json")), str(inside(folder, "merges.txt")),
+                                        add_prefix_space=config.get("add_prefix_space", False))._tokenizer
+        except Exception as e:
+            raise ConfigError(f"{folder}: vocab.json + merges.txt are not a byte-level BPE vocabulary ({e})") from None
         bos, eos = config.get("bos_token", "<s>"), config.get("eos_token", "</s>")
         bos, eos = (t["content"] if isinstance(t, dict) else t for t in (bos, eos))
         if model_type in ("roberta",):
@@ -108,12 +153,3 @@ def load_tokenizer(name_or_path, revision=None) -> Tokenizer:
     names = config.get("model_input_names")
     type_ids = "token_type_ids" in names if names else model_type == "bert"
     return Tokenizer(tok, config, folder, type_ids)
-
-
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None

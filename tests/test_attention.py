@@ -46,7 +46,7 @@ def test_decode_step_with_offset(name):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", attention.backends())
+@pytest.mark.parametrize("name", attention.functions())
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths", [(7, 3, 0), (7, 7, 7), (1, 1, 1)])
 def test_packed_batch_matches_padded(name, causal, lengths):

@@ -4,6 +4,7 @@ import torch
 
 import minibt
 from minibt import attention
+from minibt.kernels.fused_encoder import FusedEncoder
 from conftest import left_padded, ragged_batch
 
 
@@ -33,7 +34,7 @@ def test_audit_flags_the_first_bad_layer(tiny, broken_from_layer_1, tmp_path):
         assert result.summary[good]["first_bad_layer"] is None and result.summary[good]["max_rel"] < 1e-5
     rows = {(r["backend"], r["layer"]): r for r in result.rows}
     assert rows[(broken_from_layer_1, 0)]["attn_rel"] < 1e-5 < rows[(broken_from_layer_1, 1)]["attn_rel"]
-    assert model.attn == "fused" and model.fused is not None           # the model's own backend is restored
+    assert model.attn == "fused" and isinstance(model.layers, FusedEncoder)           # the model's own backend is restored
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| broken-test |" in report and "first layer out of tolerance" in report
     for png in ("errors.png", "time.png", "memory.png"):

@@ -1,18 +1,37 @@
-"""The `minibt` command on the bundled real model and on a tiny masked-LM checkpoint."""
+"""The `minibt` command on the bundled real model and on a tiny masked-LM checkpoint; its help, the README's
+command section and the parser agree; bad arguments exit 2 with one clear line."""
+import re
+import shlex
+import shutil
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
+import pytest
 import torch
 
 import minibt
+from minibt.tools import cli
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "minibt.tools.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "minibt", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+
+
+def masked_lm(folder, minilm):
+    """A tiny random BertForMaskedLM with the real MiniLM vocabulary (the `tiny` fixture has no tokenizer files)."""
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    transformers.BertForMaskedLM(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder)
+    return folder
 
 
 def test_embed_similarity_on_bundled_model(minilm):
@@ -37,13 +56,7 @@ def test_fill_mask_default_model_has_no_head():
 
 def test_fill_mask_on_a_masked_lm(tiny, minilm, tmp_path):
     """A tiny random BertForMaskedLM with the real MiniLM vocabulary: the printed top-1 is the argmax."""
-    import shutil
-    import transformers
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
-    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(minilm / name, tmp_path)
+    masked_lm(tmp_path, minilm)
     r = run("fill-mask", "--model", str(tmp_path), "--top-k", "3", "Paris is the [MASK] of France.")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()
@@ -56,18 +69,255 @@ def test_fill_mask_on_a_masked_lm(tiny, minilm, tmp_path):
 
 
 def test_bench_writes_table_and_plot(tmp_path):
-    """A tiny grid of the seed experiment: every contender timed, a markdown table and a PNG written."""
+    """A tiny grid: every contender timed, a markdown table and a PNG written; --with takes a .py file from outside
+    the checkout, and transformers' own loading bars stay quiet."""
     md, png = tmp_path / "bench.md", tmp_path / "bench.png"
     r = run("bench", "--model", "minilm", "--batch", "2", "--length", "16", "--padding", "0", "0.5", "--reps", "1",
-            "--backends", "sdpa,varlen,fused,auto", "--with", "benchmarks.hf_contenders", "--out", str(md),
-            "--plot", str(png))
+            "--backends", "sdpa,varlen,fused,auto", "--with", str(ROOT / "benchmarks" / "hf_contenders.py"),
+            "--out", str(md), "--plot", str(png), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "Loading weights" not in r.stderr and "it/s" not in r.stderr
     table = md.read_text()
     for contender in ("minibt sdpa", "minibt varlen", "minibt fused", "minibt auto", "transformers eager",
                       "transformers sdpa"):
         assert table.count(f"| {contender} |") == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "2/2" in r.stderr                                                # the progress bar reached the end
+    assert "100%" in r.stderr and "2/2 points" in r.stderr                  # the progress bar reached the end
     assert "speedup vs transformers sdpa" in table
     alone = run("bench", "--model", "minilm", "--batch", "2", "--length", "16", "--padding", "0.5", "--reps", "1")
     assert alone.returncode == 0 and "speedup vs minibt sdpa" in alone.stdout and "transformers" not in alone.stdout
+
+
+def test_bench_with_that_cannot_import_is_one_clear_line(tmp_path):
+    """As an installed minibt sees it: the package importable, the checkout's benchmarks/ not."""
+    import os
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "minibt").symlink_to(ROOT / "minibt")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    r = subprocess.run([sys.executable, "-m", "minibt", "bench", "--with", "benchmarks.hf_contenders", "--reps", "1"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "cannot import benchmarks.hf_contenders" in r.stderr and "hf_contenders.py" in r.stderr
+    r = run("bench", "--with", str(tmp_path / "nope.py"), cwd=tmp_path)
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "other.py").write_text("x = 1\n")
+    r = run("bench", "--with", str(tmp_path / "other.py"), cwd=tmp_path)
+    assert r.returncode == 2 and "has no function 'contenders'" in r.stderr
+
+
+def test_fill_mask_predicts_every_mask_like_transformers(minilm, tmp_path):
+    """Two masks: each gets its own predictions, equal to transformers' fill-mask pipeline on the same weights."""
+    import transformers
+    folder = masked_lm(tmp_path / "mlm", minilm)
+    text = "Paris is the [MASK] of [MASK]."
+    want = transformers.pipeline("fill-mask", model=str(folder), top_k=3, device="cpu")(text)
+    got = cli.fill_masks(minibt.from_hub(folder), minibt.load_tokenizer(folder), text, 3)
+    assert len(got) == len(want) == 2
+    for (j, rows), ref in zip(got, want):
+        assert [w for _, w, _ in rows] == [r["token_str"].strip() for r in ref]
+        for (p, _, _), r in zip(rows, ref):
+            assert abs(p - r["score"]) < 1e-4
+    r = run("fill-mask", "--model", str(folder), "--top-k", "3", text)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "mask 1 of 2:" and lines[4] == "mask 2 of 2:" and len(lines) == 8
+    first, second = want[0][0]["token_str"].strip(), want[1][0]["token_str"].strip()
+    assert lines[1].split(None, 1)[1] == f"Paris is the {first} of [MASK]."
+    assert lines[5].split(None, 1)[1] == f"Paris is the [MASK] of {second}."
+
+
+# ------------------------------------------------------------------------------- help, README and parser agree
+
+def subparsers():
+    p = cli.parser()
+    action = next(a for a in p._actions if a.__class__.__name__ == "_SubParsersAction")
+    return p, action.choices
+
+
+def options(sub) -> set:
+    return {s for a in sub._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+
+
+def readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text[text.index("## The `minibt` command"):text.index("\n## ", text.index("## The `minibt` command") + 5)]
+
+
+def test_readme_command_table_is_the_parser():
+    """The README's table of commands and flags is exactly what the parser accepts, command by command."""
+    _, subs = subparsers()
+    table = {}
+    for line in readme_section().splitlines():
+        m = re.match(r"\| `minibt ([a-z-]+)` \|.*\|(.*)\|$", line)
+        if m:
+            table[m.group(1)] = set(re.findall(r"`(--[a-z-]+)`", m.group(2)))
+    assert table.keys() == subs.keys()
+    for name, sub in subs.items():
+        assert table[name] == options(sub), name
+
+
+def test_readme_commands_parse():
+    """Every `minibt ...` command line shown in the README's command section is accepted by the parser."""
+    section = readme_section()
+    shown = [m.group(1) for m in re.finditer(r"^\$ minibt (.+)$", section, re.M)]
+    shown += [m.group(1) for m in re.finditer(r"`minibt ((?:embed|fill-mask|generate|audit|attend-map|bench) "
+                                              r"[^`|]+)`", section)]
+    assert len(shown) >= 6
+    p = cli.parser()
+    for line in shown:
+        p.parse_args(shlex.split(line.replace("\\", "")))          # SystemExit (a failure) if not accepted
+
+
+def test_help_lists_the_real_commands_and_only_real_flags():
+    _, subs = subparsers()
+    top = run("--help")
+    assert top.returncode == 0
+    listed = re.findall(r"^    ([a-z-]+)", top.stdout, re.M)
+    assert listed == list(subs) and "as they land" not in top.stdout
+    for name, sub in subs.items():
+        text = sub.format_help()
+        assert set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--help"} <= options(sub), name
+    assert "seed" not in subs["bench"].format_help()
+    assert "default: the bundled" not in subs["generate"].format_help()
+
+
+@pytest.mark.parametrize("command", ["embed", "fill-mask", "generate", "audit", "attend-map", "bench"])
+def test_attn_and_dtype_are_checked_by_every_command(command, capsys):
+    """Each command either validates --attn/--dtype against the registry / dtype list, or does not take them."""
+    _, subs = subparsers()
+    base = {"generate": ["--model", "m", "text"], "bench": []}.get(command, ["text"])
+    for flag, good, bad in (("--attn", "sdpa", "nonsense"), ("--dtype", "bf16", "nonsense")):
+        with pytest.raises(SystemExit) as e:
+            cli.parser().parse_args([command, *base, flag, bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        if flag in options(subs[command]):
+            assert "invalid choice: 'nonsense'" in err
+            if flag == "--attn":                                  # the names offered are the registry's
+                assert all(repr(n) in err for n in minibt.attention.backends())
+            cli.parser().parse_args([command, *base, flag, good])
+        else:
+            assert f"unrecognized arguments: {flag}" in err
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["fill-mask", "--top-k", "0", "x"], "--top-k: must be >= 1, got 0"),
+    (["generate", "--model", "m", "--top-k", "-1", "x"], "--top-k: must be >= 1"),
+    (["generate", "--model", "m", "--max-new-tokens", "-5", "x"], "--max-new-tokens: must be >= 0, got -5"),
+    (["generate", "--model", "m", "--top-p", "1.5", "x"], "--top-p: must be > 0 and <= 1"),
+    (["generate", "--model", "m", "--temperature", "0", "x"], "--temperature: must be > 0"),
+    (["bench", "--reps", "0"], "--reps: must be >= 1"),
+    (["bench", "--batch", "8", "0"], "--batch: must be >= 1"),
+    (["bench", "--padding", "0.5", "1"], "--padding: must be >= 0 and < 1"),
+    (["bench", "--padding", "-0.1"], "--padding: must be >= 0 and < 1"),
+    (["bench", "--length", "abc"], "--length: expected an integer, got 'abc'"),
+    (["bench", "--backends", "sdpa,nope"], "unknown backend 'nope'"),
+    (["audit", "--backends", "nope", "x"], "unknown backend 'nope'"),
+    (["embed", "--chunk", "0", "--file", "f", "--out", "o.npy"], "--chunk: must be >= 1, got 0"),
+    (["embed", "--batch-tokens", "0", "x"], "--batch-tokens: must be >= 1"),
+    (["attend-map", "--layer", "-1", "x"], "--layer: must be >= 0"),
+])
+def test_numbers_out_of_range_are_refused(argv, what, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parser().parse_args(argv)
+    assert e.value.code == 2 and what in capsys.readouterr().err
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import runpy, sys\n"
+            "for argv in (['--help'], ['--version']):\n"
+            "    sys.argv = ['minibt', *argv]\n"
+            "    try:\n"
+            "        runpy.run_module('minibt', run_name='__main__', alter_sys=True)\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0, e.code\n"
+            "print('torch imported:', 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage: minibt" in r.stdout and r.stdout.strip().endswith("torch imported: False")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert minibt.__version__ == version and f"minibt {version}" in r.stdout
+    license = (ROOT / "LICENSE").read_text()
+    assert license.startswith("MIT License") and "minibt authors" in license
+
+
+def test_fp16_on_cpu_is_one_clean_line(minilm):
+    r = run("fill-mask", "--dtype", "fp16", "Paris is the [MASK] of France.")   # loads, then: no MLM head
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == ("minibt: warning: float16 on CPU is about 1000x slower than bfloat16 here; use --dtype bf16")
+    assert len(lines) == 2 and "Warning" not in r.stderr and "warn(" not in r.stderr
+
+
+def test_audit_progress_title_and_no_matplotlib(minilm, tmp_path, monkeypatch, capsys):
+    """audit: a progress bar over the backends, the renamed summary column, and without matplotlib a line saying
+    the report has no plots."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)              # as if not installed
+    assert cli.main(["audit", "--backends", "sdpa,varlen", "--out", str(tmp_path / "r"), "Some text."]) == 0
+    out, err = capsys.readouterr()
+    assert "max rel. error (hidden states and attention outputs)" in out
+    assert "matplotlib is not installed: the report has no plots" in out
+    assert "100%" in err and "2/2 backends" in err
+    assert "no plots" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_plots_name_model_and_dtype(minilm, tmp_path, monkeypatch):
+    import matplotlib.axes
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, *a, **k: titles.append(t))
+    assert cli.main(["audit", "--backends", "sdpa", "--dtype", "bf16", "--out", str(tmp_path / "r"), "Text."]) == 0
+    assert cli.main(["attend-map", "--out", str(tmp_path / "m.png"), "Text."]) == 0
+    from minibt.tools import bench
+    rows = [dict(batch=1, length=8, padding=0.0, contender="minibt sdpa", speedup=1.0)]
+    bench.plot(rows, tmp_path / "b.png", "minilm, bfloat16")
+    assert titles[:3] == ["all-MiniLM-L6-v2 (bundled), bfloat16"] * 3                   # errors, time, memory
+    assert titles[3] == "all-MiniLM-L6-v2 (bundled), float32: layer 0, head 0" and titles[4] == "minilm, bfloat16"
+
+
+def test_attention_map_labels_are_decoded(minilm, smollm2):
+    from minibt.tools.attention_map import token_labels
+    tok = minibt.load_tokenizer(smollm2)
+    ids = tok(["The cat is sleeping"])["input_ids"][0].tolist()
+    labels = token_labels(tok, ids)
+    assert "cat" in labels and not any("Ġ" in t for t in labels)
+    assert any("Ġ" in t for t in tok.convert_ids_to_tokens(ids))              # the raw pieces were byte-level
+    tok = minibt.load_tokenizer(minilm)
+    ids = tok(["unbelievably"])["input_ids"][0].tolist()
+    labels = token_labels(tok, ids)
+    assert labels[0] == "[CLS]" and labels[-1] == "[SEP]" and any(t.startswith("##") for t in labels[1:-1])
+    assert labels == tok.convert_ids_to_tokens(ids)                          # WordPiece pieces are already readable
+
+
+def test_progress_bar_line():
+    import io
+    from minibt.tools.progress import Progress
+    out = io.StringIO()
+    bar = Progress(8, "lines", stream=out, every=0)
+    for _ in range(4):
+        bar.update(2)
+    text = out.getvalue()
+    assert "50%" in text and "4/8 lines" in text and "100%" in text and "8/8 lines" in text and "lines/s" in text
+    assert re.search(r"\d\d:\d\d<\d\d:\d\d", text)                            # elapsed < ETA
+    out = io.StringIO()
+    bar = Progress(None, "lines", stream=out, every=0)
+    bar.update(3)
+    assert "3 lines" in out.getvalue() and "%" not in out.getvalue()
+
+
+def test_python_m_minibt_and_version():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"minibt {minibt.__version__}"
+
+
+def test_version_falls_back_to_pyproject(monkeypatch):
+    """A plain checkout on sys.path, with no installed metadata: the version comes from pyproject.toml."""
+    import importlib.metadata
+
+    asked = []
+
+    def missing(name):
+        asked.append(name)
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert minibt.__version__ == version and asked == ["minibt"]

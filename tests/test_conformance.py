@@ -7,7 +7,7 @@ from minibt.attention import naive
 from minibt.attention.testing import BackendMismatch, check_backend
 
 
-@pytest.mark.parametrize("name", [n for n in attention.backends() if n != "naive"])
+@pytest.mark.parametrize("name", [n for n in attention.functions() if n != "naive"])
 def test_builtin_backends_conform(name):
     backend = attention.get(name)
     report = check_backend(backend.fn, name=name, packed=backend.packed, max_examples=120)

@@ -109,7 +109,7 @@ def test_no_parameter_left_on_meta_or_random(tiny):
     ref_sd = ref.state_dict()
     for name, p in model.named_parameters():
         assert not p.is_meta, name
-    torch.testing.assert_close(model.layers[1].qkv.weight[:32], ref_sd["roberta.encoder.layer.1.attention.self.query.weight"])
+    torch.testing.assert_close(model.layers[1].attention.qkv.weight[:32], ref_sd["roberta.encoder.layer.1.attention.self.query.weight"])
     torch.testing.assert_close(model.classifier.out.weight, ref_sd["classifier.out_proj.weight"])
 
 
@@ -127,7 +127,7 @@ def test_strict_report_lists_every_problem(tiny, tmp_path):
         minibt.from_hub(folder)
     msg = str(e.value)
     assert str(folder) in msg
-    assert "missing (1): layers.1.down.bias" in msg
+    assert "missing (1): layers.1.mlp.down.bias" in msg
     assert "unexpected (1): encoder.layer.0.mystery.weight" in msg
     assert "pooler.dense.weight: checkpoint (3, 32), model (32, 32)" in msg
     assert "encoder.layer.0.attention.self.key.bias" in msg and "(69,)" in msg     # fused q/k/v: 32 + 5 + 32
@@ -178,13 +178,13 @@ def test_sharded_index_naming_a_missing_shard(tiny, tmp_path):
 def test_config_errors(tiny, tmp_path):
     folder = copy(tiny("BertModel")[0], tmp_path)
     edit_config(folder, position_embedding_type="relative_key")
-    with pytest.raises(ConfigError, match="position_embedding_type='relative_key'"):
+    with pytest.raises(ConfigError, match="'position_embedding_type' = 'relative_key'"):
         minibt.from_hub(folder)
     edit_config(folder, position_embedding_type="absolute", model_type="gpt9")
     with pytest.raises(ConfigError, match="model_type='gpt9'"):
         minibt.from_hub(folder)
     edit_config(folder, model_type="bert", hidden_act="quick_gelu")
-    with pytest.raises(ConfigError, match="hidden_act='quick_gelu'"):
+    with pytest.raises(ConfigError, match="'hidden_act' = 'quick_gelu'"):
         minibt.from_hub(folder)
     with pytest.raises(CheckpointError, match="no such folder"):
         minibt.from_hub(str(tmp_path / "nothing-here"))

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import minibt
+from minibt import attention
+from minibt.kernels.fused_encoder import FusedEncoder
 from conftest import ENCODERS, ragged_batch
 
 ARCHS = [arch for _, archs in ENCODERS.values() for arch in archs]
@@ -143,12 +145,12 @@ def test_auto_picks_only_valid_paths(tiny):
     model = minibt.from_hub(folder)
     assert model.attn == "auto"
     ids, mask = ragged_batch(99, 0)
-    assert model.route(mask, False).name == "varlen"
-    assert model.route(torch.ones_like(mask), False).name == "sdpa" and model.route(None, False).name == "sdpa"
-    assert model.route(mask, True).name == "naive"
+    assert attention.for_call(model.backend, mask, False).name == "varlen"
+    assert attention.for_call(model.backend, torch.ones_like(mask), False).name == "sdpa" and attention.for_call(model.backend, None, False).name == "sdpa"
+    assert attention.for_call(model.backend, mask, True).name == "naive"
     out = model(ids, attention_mask=mask, output_attentions=True)
     assert len(out.attentions) == 2
     want = reference(ref, ids, mask)
     real = mask.bool()
     torch.testing.assert_close(out.logits[real], want.logits[real], atol=1e-4, rtol=0)
-    assert model.fused is None
+    assert not isinstance(model.layers, FusedEncoder)

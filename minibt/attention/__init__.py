@@ -1,4 +1,4 @@
-"""Attention backends: one signature, picked by name from a small registry.
+"""Attention backends: one signature, picked by name from one registry.
 
     attend(q, k, v, *, mask, scale) -> out
 
@@ -9,11 +9,20 @@ Shape legend used in every file of minibt:
 q: (B, Hq, Sq, D)   k, v: (B, Hkv, Skv, D) with Hq % Hkv == 0 (GQA)   out: (B, Hq, Sq, D)
 mask: an `AttnMask` (attention/mask.py). A packed batch (varlen) is B = 1, S = T with the
 sequence bounds in mask.cu_seqlens, so every backend can run it; `packed` backends want it.
+
+The registry holds three kinds of entry, and `backends()` lists them all (what `set_attention` accepts):
+    attention functions  naive, sdpa, flash, varlen, tiled, and user backends (`register`)
+    the route `auto`     picks one of the functions per call (attention/auto.py)
+    model-level `fused`  a transform in minibt/kernels/ that swaps the encoder's layer stack for torch's fused op
+Model code calls `model.set_attention(name)` and `for_call(...)`; it never branches on which backend runs.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 from ..errors import BackendError
 from .mask import AttnMask
@@ -22,21 +31,69 @@ from .mask import AttnMask
 @dataclass(frozen=True)
 class Backend:
     name: str
-    fn: Callable
-    packed: bool = False   # wants the padding removed at the model's entry (see kernels/padding.py)
-    probs: bool = False    # fn(..., return_probs=True) -> (out, probs)
+    fn: Callable | None                 # attend(q, k, v, *, mask, scale); None for the auto route
+    packed: bool = False                # wants the padding removed at the model's entry (kernels/padding.py)
+    probs: bool = False                 # fn(..., return_probs=True) -> (out, probs)
+    route: Callable | None = None       # auto: (attention_mask, output_attentions) -> name of the backend to run
+    transform: str | None = None        # model-level: "module" with apply(model) / remove(model), run by set_attention
 
 
 _REGISTRY: dict[str, Backend] = {}
+BUILTIN = ("naive", "sdpa", "flash", "varlen", "tiled", "fused", "auto")
 
 
-def register(name: str, fn: Callable, *, packed: bool = False, probs: bool = False) -> None:
-    """Add a backend; `fn(q, k, v, *, mask, scale)` as above."""
-    _REGISTRY[name] = Backend(name, fn, packed, probs)
+def register(name: str, fn: Callable, *, packed: bool = False, probs: bool = False, check: bool = True) -> None:
+    """Add a user backend `fn(q, k, v, *, mask, scale)`. At its first call its output is checked against the
+    spec: q's shape and dtype, and the numbers of `naive` on the same inputs (this catches a transposed layout of
+    the same size); check=False skips the numbers for a deliberately approximate backend. The built-in names
+    cannot be replaced: `naive` is the spec every backend is tested against."""
+    if not isinstance(name, str) or not name:
+        raise BackendError(f"a backend name must be a non-empty string, got {name!r}")
+    if name in BUILTIN:
+        raise BackendError(f"{name!r} is a built-in backend and cannot be replaced; register yours under another name")
+    if not callable(fn):
+        raise BackendError(f"register({name!r}, fn): fn must be callable, got {type(fn).__name__}")
+    _REGISTRY[name] = Backend(name, _checked(name, fn, check), packed, probs)
+
+
+def _checked(name: str, fn: Callable, numbers: bool) -> Callable:
+    """Wrap a user backend so that its first call is compared with the spec."""
+    state = {"checked": False}
+
+    def attend(q, k, v, *, mask, scale, **kwargs):
+        out = fn(q, k, v, mask=mask, scale=scale, **kwargs)
+        if not state["checked"]:
+            got = out[0] if kwargs.get("return_probs") and isinstance(out, tuple) else out
+            if not hasattr(got, "shape") or tuple(got.shape) != tuple(q.shape) or got.dtype != q.dtype:
+                shape = tuple(got.shape) if hasattr(got, "shape") else type(got).__name__
+                raise BackendError(f"attention backend {name!r} returned {shape} {getattr(got, 'dtype', '')}; "
+                                   f"it must return q's shape (B, Hq, Sq, D) = {tuple(q.shape)} and dtype {q.dtype}")
+            if numbers:
+                from .testing import TOLERANCE
+                with torch.no_grad():
+                    want = naive(q, k, v, mask=mask, scale=scale)
+                    err = float((got.float() - want.float()).abs().max()) if want.numel() else 0.0
+                    scale_ = float(want.abs().max()) if want.numel() else 1.0
+                limit = TOLERANCE.get(q.dtype, 3e-2) * max(1.0, scale_)
+                if not err <= limit:
+                    raise BackendError(f"attention backend {name!r} differs from the naive spec by {err:.2e} "
+                                       f"(limit {limit:.0e}) at its first call, q {tuple(q.shape)} {q.dtype}: check "
+                                       "its output layout (B, Hq, Sq, D) and mask handling, or register(..., "
+                                       "check=False) for a deliberately approximate backend")
+            state["checked"] = True
+        return out
+    attend.__name__ = getattr(fn, "__name__", name)
+    return attend
 
 
 def backends() -> list[str]:
+    """Every name `model.set_attention` accepts: attention functions, `auto` and `fused`."""
     return sorted(_REGISTRY)
+
+
+def functions() -> list[str]:
+    """The attention functions alone (what `audit` compares layer by layer)."""
+    return sorted(n for n, b in _REGISTRY.items() if b.fn is not None and b.transform is None)
 
 
 def get(name: str) -> Backend:
@@ -45,16 +102,40 @@ def get(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+def for_call(backend: Backend, attention_mask, output_attentions: bool) -> Backend:
+    """The backend that runs this call: the fixed one, or the route's pick for this input."""
+    return get(backend.route(attention_mask, output_attentions)) if backend.route is not None else backend
+
+
+def use(model, name: str) -> Backend:
+    """Make `model` run `name`: undo any model-level transform, then apply the one `name` needs (it checks that it
+    can run this model exactly, and raises a BackendError if not)."""
+    backend = get(name)
+    for other in _REGISTRY.values():
+        if other.transform is not None and other is not backend:
+            importlib.import_module(other.transform).remove(model)
+    if backend.transform is not None:
+        importlib.import_module(backend.transform).apply(model)
+    return backend
+
+
+from .auto import auto  # noqa: E402
+from .flash import flash  # noqa: E402
 from .naive import naive  # noqa: E402
 from .sdpa import sdpa  # noqa: E402
-from .flash import flash  # noqa: E402
-from .varlen import varlen  # noqa: E402
 from .tiled import tiled  # noqa: E402
+from .varlen import varlen  # noqa: E402
 
-register("naive", naive, probs=True)
-register("sdpa", sdpa)
-register("flash", flash)
-register("varlen", varlen, packed=True)
-register("tiled", tiled)
+_REGISTRY.update({
+    "naive": Backend("naive", naive, probs=True),
+    "sdpa": Backend("sdpa", sdpa),
+    "flash": Backend("flash", flash),
+    "varlen": Backend("varlen", varlen, packed=True),
+    "tiled": Backend("tiled", tiled),
+    "auto": Backend("auto", None, route=auto),
+    # the fused stack runs on the packed tokens; varlen is what its layers would call if they called attention
+    "fused": Backend("fused", varlen, packed=True, transform="minibt.kernels.fused_encoder"),
+})
 
-__all__ = ["AttnMask", "Backend", "backends", "get", "register", "naive", "sdpa", "flash", "varlen", "tiled"]
+__all__ = ["AttnMask", "Backend", "backends", "functions", "get", "register", "for_call", "use",
+           "naive", "sdpa", "flash", "varlen", "tiled", "auto"]

@@ -5,7 +5,10 @@
 
 Cases are drawn by hypothesis (a test dependency: pip install hypothesis): batch, heads with GQA groups, lengths,
 head dim, dtype (fp32, bf16), padding pattern (none, ragged right, left, fully padded rows, length-1 rows), causal or
-not, a decode step (queries offset inside the keys), the scale, and (for `packed` backends) the packed layout.
+not, a decode step (queries offset inside the keys), the scale, and the layout: padded, or packed (B = 1, S = T with
+cu_seqlens; always for `packed` backends). Every mask state the models build is generated: no padding at all
+(key_padding None, so `mask.allowed()` is None when not causal, or for one decode query after every key), plain
+causal without padding, causal with a decode offset, padded, and packed. A backend that raises is a failure too.
 """
 from __future__ import annotations
 
@@ -49,20 +52,36 @@ def _case(draw):
     b = draw(st.integers(1, 4))
     skv = draw(st.integers(1, 40))
     decode = draw(st.booleans())
-    sq = draw(st.integers(1, min(3, skv))) if decode else skv
+    sq = draw(st.sampled_from([1, skv] if skv <= 3 else [1, min(3, skv)])) if decode else skv
     causal = decode or draw(st.booleans())
-    pattern = draw(st.sampled_from(["none", "right", "left", "empty-row", "length-1"]))
+    pattern = draw(st.sampled_from(["none", "none", "right", "left", "empty-row", "length-1"]))
     lengths = [draw(st.integers(1, skv)) for _ in range(b)]
-    if pattern == "none":
+    if pattern == "none":                      # no padding at all: the mask carries no tensor (allowed() may be None)
         lengths = [skv] * b
     elif pattern == "empty-row":
         lengths[draw(st.integers(0, b - 1))] = 0
     elif pattern == "length-1":
         lengths[0] = 1
+    # a packed batch (B = 1, S = T, cu_seqlens) is what the models give every backend under varlen's prefill
+    layout = "packed" if not decode and draw(st.booleans()) else "padded"
     return dict(b=b, hq=hkv * group, hkv=hkv, sq=sq, skv=skv, d=draw(st.sampled_from([8, 16, 32])),
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), causal=causal,
-                left=pattern == "left" or (decode and pattern != "none"), lengths=lengths,
+                left=pattern == "left" or (decode and pattern != "none"), lengths=lengths, layout=layout,
                 scale=draw(st.sampled_from([None, 0.1, 1.0])), seed=draw(st.integers(0, 2**16)))
+
+
+def model_mask(c: dict) -> AttnMask:
+    """The AttnMask a model builds for this case: key_padding None when no row has padding (then allowed() is
+    None unless causal), q_offset for a decode step."""
+    keys = _keys(c)
+    return AttnMask(None if bool(keys.all()) else keys, causal=c["causal"], q_offset=c["skv"] - c["sq"])
+
+
+def _keys(c: dict) -> torch.Tensor:
+    keys = torch.zeros(c["b"], c["skv"], dtype=torch.bool)
+    for i, n in enumerate(c["lengths"]):
+        keys[i, slice(c["skv"] - n, c["skv"]) if c["left"] else slice(0, n)] = True
+    return keys
 
 
 def _run(fn, packed: bool, c: dict):
@@ -71,20 +90,18 @@ def _run(fn, packed: bool, c: dict):
     q = torch.randn(c["b"], c["hq"], c["sq"], c["d"], generator=g).to(c["dtype"])
     k = torch.randn(c["b"], c["hkv"], c["skv"], c["d"], generator=g).to(c["dtype"])
     v = torch.randn(c["b"], c["hkv"], c["skv"], c["d"], generator=g).to(c["dtype"])
-    keys = torch.zeros(c["b"], c["skv"], dtype=torch.bool)
-    for i, n in enumerate(c["lengths"]):
-        keys[i, slice(c["skv"] - n, c["skv"]) if c["left"] else slice(0, n)] = True
+    keys = _keys(c)
     scale = c["scale"] if c["scale"] is not None else c["d"] ** -0.5
     offset = c["skv"] - c["sq"]
-    want = naive(q, k, v, mask=AttnMask(keys, causal=c["causal"], q_offset=offset), scale=scale)
+    want = naive(q, k, v, mask=model_mask(c), scale=scale)
     rows = keys[:, offset:]                                               # queries that are real tokens
-    if packed and offset == 0:                                            # packed backends take the packed layout
+    if offset == 0 and (packed or c["layout"] == "packed"):               # packed backends always take this layout
         pack = Packing(keys)
         pq, pk, pv = (pack.pack(t.transpose(1, 2)).transpose(1, 2) for t in (q, k, v))
         got = fn(pq, pk, pv, mask=AttnMask(causal=c["causal"], cu_seqlens=pack.cu_seqlens), scale=scale)
         got = pack.unpack(got.transpose(1, 2)).transpose(1, 2)
     else:
-        got = fn(q, k, v, mask=AttnMask(keys, causal=c["causal"], q_offset=offset), scale=scale)
+        got = fn(q, k, v, mask=model_mask(c), scale=scale)
     return got, want, rows
 
 
@@ -102,9 +119,13 @@ def check_backend(fn, *, name: str | None = None, packed: bool = False, max_exam
               suppress_health_check=list(HealthCheck))
     @given(st.composite(_case)())
     def one(c):
-        got, want, rows = _run(fn, packed, c)
-        report.cases += 1
         shown = {k: (str(v).removeprefix("torch.") if k == "dtype" else v) for k, v in c.items()}
+        report.cases += 1
+        try:
+            got, want, rows = _run(fn, packed, c)
+        except Exception as e:                     # a crash is a failure of the backend, reported like one
+            report.failure = f"raised {type(e).__name__}: {e}; case {shown}"
+            raise AssertionError(report.failure) from None
         if got.shape != want.shape:
             report.failure = f"output shape {tuple(got.shape)}, expected {tuple(want.shape)}; case {shown}"
             raise AssertionError(report.failure)

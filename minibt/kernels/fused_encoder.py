@@ -1,8 +1,13 @@
-"""The "BetterTransformer" fastpath: each post-LN encoder layer in one call of torch's fused kernel.
+"""The "BetterTransformer" fastpath as a model-level transform: an encoder's layer stack swapped for one that runs
+each post-LN layer as one call of torch's fused kernel (`attn="fused"`).
 
 `torch._transformer_encoder_layer_fwd` runs QKV projection, attention, output projection, residuals, both
-LayerNorms and the FFN of a layer in one op, and skips padding when handed a nested tensor. We build that nested
-tensor once for the whole stack from the packed tokens (so left-padded or holey masks are fine too).
+LayerNorms and the FFN of a layer in one op, and skips padding when handed a nested tensor. The stack builds that
+nested tensor once from the packed tokens (the `fused` backend is `packed`, so the model removes the padding at its
+entry; left-padded or holey masks are fine too).
+
+Accepts: encoders (BERT, RoBERTa, DistilBERT) whose activation is exact GELU or ReLU (the two the kernel computes;
+a `gelu_new` model is refused rather than given other numbers), in eval mode, not under autocast.
 """
 from __future__ import annotations
 
@@ -14,25 +19,23 @@ from ..errors import BackendError
 
 # The kernel knows two activations: exact GELU (use_gelu=True) or ReLU. Anything else would silently change numbers.
 _KERNEL_ACTS = {"gelu": True, "relu": False}
-# The strided nested layout is the one this kernel takes; torch warns that layout is a prototype.
-warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 
 
-class FusedEncoder:
-    def __init__(self, model):
-        cfg = model.config
-        if getattr(model, "causal", False) or not hasattr(model, "layers") or not hasattr(cfg, "intermediate_size"):
-            raise BackendError(f"attn='fused' is for encoders (BERT, RoBERTa, DistilBERT), not {model.family}")
-        if cfg.hidden_act not in _KERNEL_ACTS:
-            raise BackendError(f"attn='fused': torch's fused encoder kernel computes exact GELU or ReLU only, and this "
-                               f"checkpoint uses hidden_act={cfg.hidden_act!r}; use attn='varlen' or 'sdpa' instead")
-        self.model = model
-        self.use_gelu = _KERNEL_ACTS[cfg.hidden_act]
-        self.heads = cfg.num_heads
+def _stack_class():
+    from ..models.bert import Encoder
+    return Encoder
 
-    def __call__(self, x, mask):
-        """x: (1, T, H) packed tokens, mask.cu_seqlens their bounds -> (1, T, H)"""
-        if self.model.training:
+
+class FusedEncoder(torch.nn.ModuleList):
+    """The same layers (same parameters, same names), run by the fused kernel."""
+
+    def __init__(self, layers, cfg):
+        super().__init__(list(layers))
+        self.use_gelu, self.num_heads = _KERNEL_ACTS[cfg.hidden_act], cfg.num_heads
+
+    def forward(self, x, mask, attend):
+        """x: (1, T, H) packed tokens, mask.cu_seqlens their bounds -> (1, T, H). `attend` is not used."""
+        if self.training:
             raise BackendError("attn='fused' is inference only: call model.eval() (or use attn='varlen' to train)")
         if torch.is_autocast_enabled(x.device.type):
             raise BackendError("attn='fused' does not run under autocast: load the model in the dtype you want "
@@ -40,12 +43,40 @@ class FusedEncoder:
         bounds = mask.bounds()
         if not bounds:
             return x
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # the strided nested layout is the one this kernel takes; torch warns that it is a prototype
+            warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
             h = torch.nested.as_nested_tensor([x[0, s:e] for s, e in bounds])       # nested (B', S_b, H)
-            for layer in self.model.layers:
+            for layer in self:
+                a, m = layer.attention, layer.mlp
                 h = torch._transformer_encoder_layer_fwd(
-                    h, x.shape[-1], self.heads, layer.qkv.weight, layer.qkv.bias, layer.out.weight, layer.out.bias,
+                    h, x.shape[-1], self.num_heads, a.qkv.weight, a.qkv.bias, a.out.weight, a.out.bias,
                     self.use_gelu, False, layer.norm1.eps, layer.norm1.weight, layer.norm1.bias,
-                    layer.norm2.weight, layer.norm2.bias, layer.up.weight, layer.up.bias,
-                    layer.down.weight, layer.down.bias, None, None)
+                    layer.norm2.weight, layer.norm2.bias, m.up.weight, m.up.bias, m.down.weight, m.down.bias,
+                    None, None)
             return torch.cat(h.unbind(), 0).unsqueeze(0)
+
+
+def apply(model) -> None:
+    """Swap the layer stack; raises a BackendError naming why when this model cannot run fused exactly."""
+    if isinstance(model.layers, FusedEncoder):
+        return
+    if getattr(model, "causal", False) or not isinstance(model.layers, _stack_class()):
+        raise BackendError(f"attn='fused' is torch's fused encoder layer, for encoders (BERT, RoBERTa, DistilBERT); "
+                           f"{model.family} is a decoder: use 'varlen', 'sdpa' or 'auto'")
+    act = model.config.hidden_act
+    if act not in _KERNEL_ACTS:
+        raise BackendError(f"attn='fused': torch's fused encoder kernel computes exact GELU or ReLU only, and this "
+                           f"checkpoint uses hidden_act={act!r}; use attn='varlen' or 'sdpa' instead")
+    layers = model.layers
+    if any(type(getattr(layer.attention, n)) is not torch.nn.Linear for layer in layers for n in ("qkv", "out")) or \
+            any(type(getattr(layer.mlp, n)) is not torch.nn.Linear for layer in layers for n in ("up", "down")):
+        raise BackendError("attn='fused' needs the plain nn.Linear weights the fused kernel reads; this model's "
+                           "linear layers were transformed (e.g. quantized): use attn='varlen' or 'sdpa'")
+    model.layers = FusedEncoder(layers, model.config).train(layers.training)
+
+
+def remove(model) -> None:
+    """Back to the plain stack (same layer modules); nothing to do when not fused."""
+    if isinstance(getattr(model, "layers", None), FusedEncoder):
+        model.layers = _stack_class()(list(model.layers)).train(model.layers.training)

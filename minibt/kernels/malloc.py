@@ -9,13 +9,13 @@ noise, the GEMMs dominate there). Placement still varies, so a repeated run some
 again (2 of 6 processes embedding 600 texts), against 24k-1.1M per run without the settings.
 
 The setting is process-wide and raises resident memory to the peak of what the process has used, which it keeps.
-`minibt.embed` applies it; MINIBT_KEEP_MEMORY=0 turns it off. Other C libraries: nothing is done.
+Only a caller that asks applies it: `minibt.embed(..., keep_memory=True)` (default False) and the `minibt embed`
+command. Other C libraries: nothing is done.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # mallopt parameters, glibc's malloc.h
 MMAP_THRESHOLD_MAX = 32 << 20                   # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit
@@ -28,7 +28,7 @@ def keep_freed_memory() -> bool:
     if _applied is None:
         _applied = False
         name = ctypes.util.find_library("c")
-        if os.environ.get("MINIBT_KEEP_MEMORY", "1") != "0" and name:
+        if name:
             libc = ctypes.CDLL(name)
             if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):       # glibc only
                 _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)

@@ -1,4 +1,9 @@
-"""BERT: embeddings, post-LN encoder layers, optional pooler and heads. RoBERTa and DistilBERT reuse all of it."""
+"""BERT (Devlin et al., 2019): embeddings, post-LN encoder layers, the pooler and the heads.
+
+RoBERTa and DistilBERT (roberta.py, distilbert.py) reuse all of it and say only what differs. Shape legend in
+minibt/attention/__init__.py. With a packed backend (varlen) the batch is (1, T, H): the real tokens of every row
+back to back, padding removed once at the entry and restored once at the exit (models/common.py TokenLayout).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,9 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import BackendError, ConfigError
-from .common import Batch, Model, Output, activation, check_inputs
+from ..config import Fields
+from .common import ACTIVATIONS, Model, Output, TokenLayout, activation, check_inputs
 
+
+# ------------------------------------------------------------------------------------------------------ config
 
 @dataclass
 class BertConfig:
@@ -22,21 +29,31 @@ class BertConfig:
     type_vocab_size: int = 2                 # 0: no token-type embeddings (DistilBERT)
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
-    mlm_act: str | None = None               # MLM transform activation; None: hidden_act
+    mlm_act: str | None = None               # activation of the masked-LM transform; None: hidden_act
     tie_word_embeddings: bool = True
+    num_labels: int = 2
 
     @classmethod
-    def from_hf(cls, c: dict) -> "BertConfig":
-        kind = c.get("position_embedding_type", "absolute")
-        if kind != "absolute":
-            raise ConfigError(f"config.json position_embedding_type={kind!r}: only 'absolute' is implemented")
-        return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
-                   c["intermediate_size"], c.get("hidden_act", "gelu"), c.get("max_position_embeddings", 512),
-                   c.get("type_vocab_size", 2), c.get("layer_norm_eps", 1e-12), c.get("pad_token_id", 0) or 0,
-                   tie_word_embeddings=c.get("tie_word_embeddings", True))
+    def from_hf(cls, c: dict, where: str = "config.json") -> "BertConfig":
+        f = Fields(c, where)
+        f.str("position_embedding_type", "absolute", choices=("absolute",))
+        cfg = cls(vocab_size=f.int("vocab_size"), hidden_size=f.int("hidden_size"),
+                  num_layers=f.int("num_hidden_layers", min=0), num_heads=f.int("num_attention_heads"),
+                  intermediate_size=f.int("intermediate_size"),
+                  hidden_act=f.str("hidden_act", "gelu", choices=tuple(ACTIVATIONS)),
+                  max_positions=f.int("max_position_embeddings", 512), type_vocab_size=f.int("type_vocab_size", 2),
+                  layer_norm_eps=f.float("layer_norm_eps", 1e-12, positive=True),
+                  pad_token_id=f.int("pad_token_id", 0, min=0, none_ok=True) or 0,
+                  tie_word_embeddings=f.bool("tie_word_embeddings", True), num_labels=f.labels())
+        f.divides("hidden_size", "num_attention_heads", cfg.hidden_size, cfg.num_heads)
+        return cfg
 
+
+# ------------------------------------------------------------------------------------------------------ blocks
 
 class Embeddings(nn.Module):
+    """word + position (+ token type), then LayerNorm."""
+
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -51,36 +68,61 @@ class Embeddings(nn.Module):
         return self.norm(x)
 
 
-class EncoderLayer(nn.Module):
-    """Post-LN: x = norm1(x + attention(x)); x = norm2(x + ffn(x))."""
+class SelfAttention(nn.Module):
+    """softmax(q k^T / sqrt(D)) v over every head, through the bound attention function `attend`."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
         h = cfg.hidden_size
-        self.heads, self.head_dim = cfg.num_heads, h // cfg.num_heads
+        self.num_heads, self.head_dim = cfg.num_heads, h // cfg.num_heads
         self.qkv = nn.Linear(h, 3 * h)                  # query, key, value in one matmul (weights_map `fuse`)
         self.out = nn.Linear(h, h)
-        self.norm1 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.up = nn.Linear(h, cfg.intermediate_size)
-        self.act = activation(cfg.hidden_act, "hidden_act")
-        self.down = nn.Linear(cfg.intermediate_size, h)
-        self.norm2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
 
     def forward(self, x, mask, attend):
-        q, k, v = self.project(x)
-        return self.finish(x, attend(q, k, v, mask=mask, scale=self.head_dim ** -0.5))
-
-    # project and finish hold every matmul; torch.compile takes them whole (Bert.compile_layers), while the
-    # attention call between them, with its data-dependent masks and sequence bounds, stays eager.
-    def project(self, x):
-        b, s, _ = x.shape
-        return self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)     # 3 x (B, Hq, S, D)
-
-    def finish(self, x, a):
         b, s, h = x.shape
-        x = self.norm1(x + self.out(a.transpose(1, 2).reshape(b, s, h)))                        # (B, S, H)
-        return self.norm2(x + self.down(self.act(self.up(x))))
+        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, Hq, S, D)
+        a = attend(q, k, v, mask=mask, scale=self.head_dim ** -0.5)                               # (B, Hq, S, D)
+        return self.out(a.transpose(1, 2).reshape(b, s, h))                                       # (B, S, H)
 
+
+class MLP(nn.Module):
+    """up -> activation -> down."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = activation(cfg.hidden_act, "hidden_act")
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN: x = norm1(x + attention(x)); x = norm2(x + mlp(x))."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attention = SelfAttention(cfg)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x, mask, attend):
+        x = self.norm1(x + self.attention(x, mask, attend))
+        return self.norm2(x + self.mlp(x))
+
+
+class Encoder(nn.ModuleList):
+    """The layer stack. (kernels/fused_encoder.py can swap it for torch's fused encoder-layer op.)"""
+
+    def forward(self, x, mask, attend):
+        for layer in self:
+            x = layer(x, mask, attend)
+        return x
+
+
+# ------------------------------------------------------------------------------------------------------ heads
 
 class MaskedLMHead(nn.Module):
     """dense -> activation -> LayerNorm -> decoder (tied to the word embeddings) + bias."""
@@ -100,39 +142,41 @@ class MaskedLMHead(nn.Module):
 class ClassifierHead(nn.Module):
     """On the first token: [dense -> act ->] out. BERT's dense + tanh is its pooler, so it has none here."""
 
-    def __init__(self, cfg: BertConfig, num_labels: int, act: str | None):
+    def __init__(self, cfg: BertConfig, act: str | None):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size) if act else None
         self.act = {"tanh": torch.tanh, "relu": torch.relu}.get(act)
-        self.out = nn.Linear(cfg.hidden_size, num_labels)
+        self.out = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
     def forward(self, first, pooled):
         return self.out(pooled if self.dense is None else self.act(self.dense(first)))
 
 
+# ------------------------------------------------------------------------------------------------------ model
+
 class Bert(Model):
     family = "bert"
     config_class = BertConfig
-    heads = ("base", "masked-lm", "sequence-classification")
+    head_kinds = ("base", "masked-lm", "sequence-classification")
     has_pooler = True
     classifier_act: str | None = None               # RoBERTa: tanh, DistilBERT: relu (they have no pooler)
 
-    def __init__(self, cfg: BertConfig, head: str = "base", pooler: bool = True, num_labels: int = 2):
+    def __init__(self, cfg: BertConfig, head: str = "base", pooler: bool = True):
         super().__init__()
         self.config, self.head = cfg, head
         self.embeddings = Embeddings(cfg)
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = Encoder(EncoderLayer(cfg) for _ in range(cfg.num_layers))
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if pooler else None
         self.mlm = MaskedLMHead(cfg) if head == "masked-lm" else None
-        self.classifier = ClassifierHead(cfg, num_labels, self.classifier_act) if head == "sequence-classification" else None
+        classify = head == "sequence-classification"
+        self.classifier = ClassifierHead(cfg, self.classifier_act) if classify else None
         self.set_attention("auto")
 
     @classmethod
-    def from_hf(cls, config: dict, head: str, keys: set):
-        cfg = cls.config_class.from_hf(config)
+    def from_hf(cls, config: dict, head: str, keys: set, where: str = "config.json"):
+        cfg = cls.config_class.from_hf(config, where)
         pooler = cls.has_pooler and any(k.startswith("pooler.") for k in keys)
-        return cls(cfg, head, pooler=pooler or (head == "sequence-classification" and cls.classifier_act is None),
-                   num_labels=len(config.get("id2label", {})) or config.get("num_labels", 2))
+        return cls(cfg, head, pooler=pooler or (head == "sequence-classification" and cls.classifier_act is None))
 
     def tied(self):
         return {"mlm.decoder.weight": "embeddings.word.weight"} if self.mlm and self.config.tie_word_embeddings else {}
@@ -140,45 +184,20 @@ class Bert(Model):
     def max_length(self):
         return self.config.max_positions
 
-    def position_ids(self, input_ids, attention_mask):
+    def position_ids(self, input_ids):
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
-    def compile_layers(self):
-        """torch.compile the dense half-layers (all matmuls, norms, activations); returns the model.
-        Works with every backend but `fused`; shapes are dynamic, so new batch sizes and lengths do not recompile."""
-        for layer in self.layers:
-            layer.project = torch.compile(layer.project, dynamic=True)
-            layer.finish = torch.compile(layer.finish, dynamic=True)
-        return self
-
-    def set_attention(self, name: str):
-        self.fused = None
-        if name == "fused":
-            from ..kernels.fused_encoder import FusedEncoder
-            self.fused = FusedEncoder(self)             # checks it can run this model exactly; raises if not
-            super().set_attention("varlen")             # the fused stack runs on the packed tokens
-            self.attn = "fused"
-            return self
-        return super().set_attention(name)
-
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_attentions=False) -> Output:
-        check_inputs(input_ids, attention_mask, vocab_size=self.config.vocab_size, max_length=self.max_length())
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        positions = self.position_ids(input_ids, attention_mask)
-        backend = self.route(attention_mask, output_attentions)
-        attend, probs = self.bind(backend, output_attentions)
-        batch = Batch(attention_mask, input_ids.shape, packed=backend.packed, causal=False)
-        x = self.embeddings(batch.pack(input_ids), batch.pack(token_type_ids), batch.pack(positions))
-        if self.fused is not None:
-            if output_attentions:
-                raise BackendError("attn='fused' cannot return attention probabilities; use 'naive' or 'auto'")
-            x = self.fused(x, batch.mask)                # BetterTransformer fastpath: each layer is one fused op
-        else:
-            for layer in self.layers:
-                x = layer(x, batch.mask, attend)
-        logits = batch.unpack(self.mlm(x)) if self.mlm is not None else None
-        x = batch.unpack(x)                                                   # (B, S, H)
+        attention_mask = check_inputs(input_ids, attention_mask, vocab_size=self.config.vocab_size,
+                                      max_length=self.max_length())
+        token_type_ids = self.check_token_types(input_ids, token_type_ids)
+        positions = self.position_ids(input_ids)
+        backend, attend, probs = self.bind(attention_mask, output_attentions)
+        layout = TokenLayout(attention_mask, input_ids.shape, packed=backend.packed, causal=False)
+        x = self.embeddings(layout.pack(input_ids), layout.pack(token_type_ids), layout.pack(positions))
+        x = self.layers(x, layout.mask, attend)                              # (B, S, H), or (1, T, H) packed
+        logits = layout.unpack(self.mlm(x)) if self.mlm is not None else None
+        x = layout.unpack(x)                                                  # (B, S, H), exactly 0 at padding
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         if self.classifier is not None:
             logits = self.classifier(x[:, 0], pooled)

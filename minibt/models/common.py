@@ -1,14 +1,16 @@
-"""What every family shares: the output record, activations, input checks, backend binding, entry/exit."""
+"""What every family shares: the output record, activations, input checks, the token layout of one forward (padding
+removed at the entry and restored at the exit for packed backends), and backend binding."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import attention
-from ..attention import AttnMask
+from ..attention import AttnMask, Backend
 from ..errors import BackendError, ConfigError, InputError
 from ..kernels.padding import Packing
 
@@ -38,12 +40,16 @@ def activation(name: str, where: str):
     return ACTIVATIONS[name]
 
 
-def check_inputs(input_ids, attention_mask, *, vocab_size: int, max_length: int):
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_ids(input_ids, *, vocab_size: int, max_length: int, name: str = "input_ids"):
+    if not isinstance(input_ids, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype not in _INT_DTYPES:
+        raise InputError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}")
     if input_ids.dim() != 2:
-        raise InputError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
-                         f"{tuple(input_ids.shape)}")
+        raise InputError(f"{name} must be (batch, sequence), got shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] > max_length:
         raise InputError(f"sequence length {input_ids.shape[1]} exceeds the model's limit of {max_length} positions "
                          "(max_position_embeddings in config.json); truncate the input (tokenizer truncation=True)")
@@ -52,9 +58,34 @@ def check_inputs(input_ids, attention_mask, *, vocab_size: int, max_length: int)
         raise InputError(f"token id {int(bad)} is outside the vocabulary (vocab_size={vocab_size} in config.json)")
 
 
-class Batch:
-    """The mask of one forward pass and, for backends that want it, the packing. Made once at the model's entry;
-    `unpack` is the one exit (padding back, and exactly 0 at padded positions)."""
+def check_mask(attention_mask, shape, what: str = "input_ids shape"):
+    """attention_mask: bool or integer 0/1 of `shape` (1 = real token). Returns it as long, or None."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise InputError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} does not match {what} {tuple(shape)}")
+    if attention_mask.dtype != torch.bool:
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise InputError(f"attention_mask must be bool or integer 0/1 (1 = real token), got dtype "
+                             f"{attention_mask.dtype}; an additive mask (0 / -10000) is not accepted")
+        if attention_mask.numel() and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0]
+            raise InputError(f"attention_mask values must be 0 or 1 (1 = real token), found {int(bad)}")
+    return attention_mask.long()
+
+
+def check_inputs(input_ids, attention_mask, *, vocab_size: int, max_length: int):
+    """Validated (input_ids, attention_mask as long 0/1 or None); every fault is an InputError naming it."""
+    check_ids(input_ids, vocab_size=vocab_size, max_length=max_length)
+    return check_mask(attention_mask, input_ids.shape)
+
+
+class TokenLayout:
+    """The mask of one forward pass and, for packed backends, where the real tokens are. Made once at the model's
+    entry; `pack` gathers the real tokens (B, S, ...) -> (1, T, ...), `unpack` is the one exit (padding back, and
+    exactly 0 at padded positions)."""
 
     def __init__(self, attention_mask, shape, *, packed: bool, causal: bool, q_offset: int = 0):
         real = None if attention_mask is None else attention_mask.bool()
@@ -81,46 +112,32 @@ class Batch:
         return t.masked_fill(~real.view(*real.shape, *[1] * (t.dim() - 2)), 0)
 
 
-# `auto` (measured, docs/benchmarks.md "encoder_padding"): the packed path wins from this padding fraction up;
-# below it, the dense SDPA path (no pack/unpack, one batched attention call) is as fast or faster.
-AUTO_VARLEN_FROM = 0.05
-
-
-def auto_backend(attention_mask, output_attentions: bool) -> str:
-    if output_attentions:
-        return "naive"                      # the only backend that returns probabilities
-    if attention_mask is None or attention_mask.numel() == 0:
-        return "sdpa"
-    padding = 1.0 - float(attention_mask.float().mean())
-    return "varlen" if padding >= AUTO_VARLEN_FROM else "sdpa"
-
-
 class Model(nn.Module):
-    """Backend binding shared by all families."""
+    """What the loader and the tools rely on in every family."""
 
     family = "?"
+    causal = False                      # decoders (OPT, Llama): True
+    head_kinds: tuple = ()              # the model heads this family can have: "base", "masked-lm", ...
+    source: Path | None = None          # the folder it was loaded from (set by loading.py)
+    generation: dict = {}               # eos/pad/bos token ids from config.json + generation_config.json
+    attn = "auto"                       # the name of the attention backend in use
+    backend: Backend = None
 
     def set_attention(self, name: str):
-        """Switch the attention backend in place ("auto" picks per call); returns the model."""
-        self.backend = None if name == "auto" else attention.get(name)
+        """Switch the attention backend in place (any name in minibt.attention.backends()); returns the model."""
+        self.backend = attention.use(self, name)
         self.attn = name
         return self
-
-    def route(self, attention_mask, output_attentions: bool) -> attention.Backend:
-        """The backend for this call: the fixed one, or auto's pick for this input."""
-        if self.backend is not None:
-            return self.backend
-        return attention.get(auto_backend(attention_mask, output_attentions))
 
     def tied(self) -> dict:
         """{parameter name: the parameter it is tied to}."""
         return {}
 
-    @staticmethod
-    def bind(backend: attention.Backend, output_attentions: bool):
-        """The attention function for one forward, and the list it fills with probabilities if asked."""
+    def bind(self, attention_mask, output_attentions: bool):
+        """(backend, the attention function for one forward, the list it fills with probabilities if asked)."""
+        backend = attention.for_call(self.backend, attention_mask, output_attentions)
         if not output_attentions:
-            return backend.fn, None
+            return backend, backend.fn, None
         if not backend.probs:
             raise BackendError(f"backend {backend.name!r} cannot return attention probabilities; "
                                "use model.set_attention('naive') (or 'auto') for output_attentions=True")
@@ -130,4 +147,19 @@ class Model(nn.Module):
             out, p = backend.fn(q, k, v, mask=mask, scale=scale, return_probs=True)
             probs.append(p)
             return out
-        return attend, probs
+        return backend, attend, probs
+
+    def check_token_types(self, input_ids, token_type_ids):
+        """token_type_ids: zeros when absent; else integer, input_ids' shape, below type_vocab_size."""
+        types = getattr(self.config, "type_vocab_size", 0)
+        if token_type_ids is None:
+            return torch.zeros_like(input_ids)
+        if not isinstance(token_type_ids, torch.Tensor) or token_type_ids.dtype not in _INT_DTYPES:
+            raise InputError("token_type_ids must be an integer tensor")
+        if tuple(token_type_ids.shape) != tuple(input_ids.shape):
+            raise InputError(f"token_type_ids shape {tuple(token_type_ids.shape)} does not match input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if token_type_ids.numel() and (int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= max(types, 1)):
+            raise InputError(f"token_type_ids must be in [0, {max(types, 1)}) (type_vocab_size={types} in "
+                             f"config.json), found {int(token_type_ids.max())}")
+        return token_type_ids

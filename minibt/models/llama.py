@@ -1,17 +1,24 @@
-"""Llama: RMSNorm, rotate-half RoPE (with the scaling kinds real checkpoints use), GQA, SwiGLU, tied or untied head."""
+"""Llama (Touvron et al., 2023): RMSNorm, rotary position embeddings (RoPE, with the scaling kinds real checkpoints
+use), grouped-query attention (GQA), a SwiGLU MLP, and a tied or untied LM head.
+
+Textbook maths only; the CPU speed tricks (decode linears, column-major fp32 weights, RMSNorm as one fused kernel)
+are transforms in minibt/kernels/ applied after loading. Shape legend in minibt/attention/__init__.py.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..config import Fields
 from ..errors import ConfigError
-from .common import activation
-from .decoder import Decoder, DecodeLinear
+from .causal import CausalLM, causal_entry, causal_output
+from .common import ACTIVATIONS, activation
 
+
+# ------------------------------------------------------------------------------------------------------ config
 
 @dataclass
 class LlamaConfig:
@@ -22,59 +29,81 @@ class LlamaConfig:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
-    max_positions: int
+    max_positions: int = 2048
     rms_norm_eps: float = 1e-6
     hidden_act: str = "silu"
     attention_bias: bool = False
     mlp_bias: bool = False
     rope_theta: float = 10000.0
-    rope: dict = field(default_factory=dict)        # rope_type and its parameters ("default" = unscaled)
+    rope: dict = field(default_factory=lambda: {"rope_type": "default"})   # rope_type and its parameters
     pad_token_id: int | None = None
     tie_word_embeddings: bool = False
 
     @classmethod
-    def from_hf(cls, c: dict) -> "LlamaConfig":
-        # Two hub layouts: classic `rope_theta` + `rope_scaling` at top level, newer `rope_parameters`.
-        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ROPE_KINDS:
-            raise ConfigError(f"config.json rope type {kind!r} is not implemented; minibt has {', '.join(ROPE_KINDS)}")
-        rope["rope_type"] = kind
-        heads = c["num_attention_heads"]
-        return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], heads,
-                   c.get("num_key_value_heads") or heads, c.get("head_dim") or c["hidden_size"] // heads,
-                   c["intermediate_size"], c.get("max_position_embeddings", 2048), c.get("rms_norm_eps", 1e-6),
-                   c.get("hidden_act", "silu"), c.get("attention_bias", False), c.get("mlp_bias", False), theta, rope,
-                   c.get("pad_token_id"), c.get("tie_word_embeddings", False))
+    def from_hf(cls, c: dict, where: str = "config.json") -> "LlamaConfig":
+        f = Fields(c, where)
+        heads = f.int("num_attention_heads")
+        hidden = f.int("hidden_size")
+        cfg = cls(vocab_size=f.int("vocab_size"), hidden_size=hidden, num_layers=f.int("num_hidden_layers", min=0),
+                  num_heads=heads, num_kv_heads=f.int("num_key_value_heads", None, none_ok=True) or heads,
+                  head_dim=f.int("head_dim", None, none_ok=True) or hidden // heads,
+                  intermediate_size=f.int("intermediate_size"), max_positions=f.int("max_position_embeddings", 2048),
+                  rms_norm_eps=f.float("rms_norm_eps", 1e-6, positive=True),
+                  hidden_act=f.str("hidden_act", "silu", choices=tuple(ACTIVATIONS)),
+                  attention_bias=f.bool("attention_bias", False), mlp_bias=f.bool("mlp_bias", False),
+                  pad_token_id=f.int("pad_token_id", None, min=0, none_ok=True),
+                  tie_word_embeddings=f.bool("tie_word_embeddings", False))
+        if "head_dim" not in c or c["head_dim"] is None:
+            f.divides("hidden_size", "num_attention_heads", hidden, heads)
+        f.divides("num_attention_heads", "num_key_value_heads", heads, cfg.num_kv_heads)
+        if cfg.head_dim % 2:
+            raise ConfigError(f"{where}: head_dim = {cfg.head_dim} must be even for rotary embeddings")
+        cfg.rope_theta, cfg.rope = rope_config(f)
+        return cfg
 
+
+def rope_config(f: Fields) -> tuple[float, dict]:
+    """Two hub layouts: classic `rope_theta` + `rope_scaling` at top level, newer `rope_parameters`."""
+    rope = dict(f.dict("rope_parameters") or f.dict("rope_scaling"))
+    where = f"{f.where} rope_parameters" if f.c.get("rope_parameters") else f"{f.where} rope_scaling"
+    r = Fields(rope, where)
+    theta = r.float("rope_theta", f.float("rope_theta", 10000.0, positive=True), positive=True)
+    kind = r.str("rope_type", r.str("type", "default"), choices=tuple(ROPE_KINDS))
+    out = {"rope_type": kind}
+    if kind != "default":
+        out["factor"] = r.float("factor", positive=True)
+    if kind == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            out[key] = r.float(key, positive=True)
+        out["original_max_position_embeddings"] = r.int("original_max_position_embeddings")
+        if out["high_freq_factor"] <= out["low_freq_factor"]:
+            r.fail("high_freq_factor", out["high_freq_factor"], "must be > low_freq_factor")
+    return theta, out
+
+
+# ------------------------------------------------------------------------------------------------------ norm
 
 class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich, 2019), statistics in fp32 and the normalised value
+    rounded to x's dtype before the weight (transformers' order, so bf16 results match bit for bit)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
 
     def forward(self, x):
-        """x / sqrt(mean(x^2) + eps) with fp32 statistics, rounded to x's dtype, then times the weight (HF's order).
-
-        Written as one LayerNorm over [x, -x]: that vector has mean 0 and variance mean(x^2), so LayerNorm divides
-        by the RMS (exactly, in exact arithmetic) in one fused kernel that keeps its statistics in fp32 and returns
-        x's dtype. The plain form, `w * F.rms_norm(x.float(), ...).to(x.dtype)`, is about eight kernels on CPU; a
-        decode step pays per kernel, and this saved 1.4-1.6 ms of a 25-46 ms SmolLM2-135M step (fp32 and bf16,
-        batch 1 and 4). bf16 output is bit-identical to the plain form; fp32 differs by under 1e-6
-        (tests/test_decoders.py)."""
-        d = x.shape[-1]
-        return self.weight * F.layer_norm(torch.cat((x, -x), dim=-1), (2 * d,), eps=self.eps)[..., :d]
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------ RoPE
 
-def _linear(inv_freq, rope, seq_len, cfg):
+def _linear_scaling(inv_freq, rope, seq_len, cfg):
     return inv_freq / rope["factor"]
 
 
-def _dynamic(inv_freq, rope, seq_len, cfg):
+def _dynamic_scaling(inv_freq, rope, seq_len, cfg):
     """NTK-aware: once a sequence outgrows the trained length, raise the base (recomputed per call, as HF does)."""
     if seq_len <= cfg.max_positions:
         return inv_freq
@@ -83,7 +112,7 @@ def _dynamic(inv_freq, rope, seq_len, cfg):
     return 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device=inv_freq.device) / d)
 
 
-def _llama3(inv_freq, rope, seq_len, cfg):
+def _llama3_scaling(inv_freq, rope, seq_len, cfg):
     """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between."""
     factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
     old = rope["original_max_position_embeddings"]
@@ -95,7 +124,25 @@ def _llama3(inv_freq, rope, seq_len, cfg):
     return torch.where(medium, blended, scaled)
 
 
-ROPE_KINDS = {"default": lambda inv_freq, *_: inv_freq, "linear": _linear, "dynamic": _dynamic, "llama3": _llama3}
+ROPE_KINDS = {"default": lambda inv_freq, *_: inv_freq, "linear": _linear_scaling, "dynamic": _dynamic_scaling,
+              "llama3": _llama3_scaling}
+
+
+class RotaryEmbedding(nn.Module):
+    """positions (B, S) -> cos, sin (B, S, D): angle position / theta^(2i/D) for each pair i, computed in fp32."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, positions, dtype):
+        cfg, d = self.cfg, self.cfg.head_dim
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
+        seq_len = int(positions.max()) + 1 if positions.numel() else 0
+        inv_freq = ROPE_KINDS[cfg.rope["rope_type"]](inv_freq, cfg.rope, seq_len, cfg)
+        angles = positions.float()[..., None] * inv_freq                                    # (B, S, D/2)
+        emb = torch.cat((angles, angles), dim=-1)                                           # (B, S, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half(x):
@@ -104,55 +151,83 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, S, H, D); cos, sin (B, S, D). The checkpoint's own (rotate-half) layout: weights are never permuted."""
+    """x (B, S, heads, D); cos, sin (B, S, D). The checkpoint's own (rotate-half) layout: weights are never permuted."""
     return x * cos.unsqueeze(2) + rotate_half(x) * sin.unsqueeze(2)
+
+
+# ------------------------------------------------------------------------------------------------------ blocks
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE on q and k, and Hkv <= Hq key/value heads (GQA: each shared by a group)."""
+
+    def __init__(self, cfg: LlamaConfig, index: int):
+        super().__init__()
+        self.index, self.num_heads, self.num_kv_heads, self.head_dim = index, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)      # q, k, v in one matmul
+        self.out = nn.Linear(q, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x, layout, attend, cache, cos, sin):
+        b, s, _ = x.shape
+        heads = self.num_heads + 2 * self.num_kv_heads
+        qk, v = self.qkv(x).view(b, s, heads, self.head_dim).split(
+            (self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=2)          # (B, S, Hq + Hkv, D), (B, S, Hkv, D)
+        qk = apply_rope(qk, cos, sin).transpose(1, 2)                                  # q and k rotated in one call
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)                    # (B, Hq, S, D), (B, Hkv, S, D)
+        v = v.transpose(1, 2)                                                          # (B, Hkv, S, D)
+        if cache is not None:
+            k, v = cache.update(self.index, k, v, layout.packing)                      # (B, Hkv, past + S, D)
+        a = attend(q, k, v, mask=layout.mask, scale=self.head_dim ** -0.5)             # (B, Hq, S, D)
+        return self.out(a.transpose(1, 2).reshape(b, s, -1))                           # (B, S, H)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.act = activation(cfg.hidden_act, "hidden_act")
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class LlamaLayer(nn.Module):
+    """Pre-norm: x = x + attention(norm1(x)); x = x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: LlamaConfig, index: int):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg, index)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, layout, attend, cache, cos, sin):
+        x = x + self.attention(self.norm1(x), layout, attend, cache, cos, sin)
+        return x + self.mlp(self.norm2(x))
 
 
 # ------------------------------------------------------------------------------------------------------ model
 
-class LlamaLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.qkv = DecodeLinear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)      # q, k, v in one matmul
-        self.out = DecodeLinear(q, cfg.hidden_size, bias=cfg.attention_bias)
-        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gate_up = DecodeLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.act = activation(cfg.hidden_act, "hidden_act")
-        self.down = DecodeLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.split = (q, kv, kv)
-
-    def forward(self, x, mask, attend, kv, cos, sin):
-        b, s, _ = x.shape
-        qk, v = self.qkv(self.norm1(x)).split((self.split[0] + self.split[1], self.split[2]), dim=-1)
-        qk = apply_rope(qk.view(b, s, self.heads + self.kv_heads, self.head_dim), cos, sin)  # q and k in one go
-        q, k = qk.transpose(1, 2).split((self.heads, self.kv_heads), dim=1)       # (B, Hq, S, D), (B, Hkv, S, D)
-        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        if kv is not None:
-            k, v = kv(k, v)                                                                     # (B, Hkv, past + S, D)
-        a = attend(q, k, v, mask=mask, scale=self.head_dim ** -0.5)
-        x = x + self.out(a.transpose(1, 2).reshape(b, s, -1))
-        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.down(self.act(gate) * up)                                                # SwiGLU
-
-
-class Llama(Decoder):
+class Llama(CausalLM):
     family = "llama"
 
     def __init__(self, cfg: LlamaConfig, head: str = "causal-lm"):
         super().__init__()
         self.config, self.head = cfg, head
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.num_layers))
+        self.rope = RotaryEmbedding(cfg)
+        self.layers = nn.ModuleList(LlamaLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = DecodeLinear(cfg.hidden_size, cfg.vocab_size, bias=False) if head == "causal-lm" else None
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if head == "causal-lm" else None
         self.set_attention("auto")
 
     @classmethod
-    def from_hf(cls, config: dict, head: str, keys: set):
-        cfg = LlamaConfig.from_hf(config)
+    def from_hf(cls, config: dict, head: str, keys: set, where: str = "config.json"):
+        cfg = LlamaConfig.from_hf(config, where)
         if head == "causal-lm" and "lm_head.weight" not in keys:
             cfg.tie_word_embeddings = True          # checkpoints without lm_head.weight load tied
         return cls(cfg, head)
@@ -160,23 +235,20 @@ class Llama(Decoder):
     def max_length(self) -> int:
         # linear / dynamic scaling stretch the trained positions by `factor`; llama3 configs already state the
         # extended length in max_position_embeddings.
-        kind = self.config.rope["rope_type"]
-        return int(self.config.max_positions * (self.config.rope["factor"] if kind in ("linear", "dynamic") else 1))
+        rope = self.config.rope
+        return int(self.config.max_positions * (rope["factor"] if rope["rope_type"] in ("linear", "dynamic") else 1))
 
-    def inputs(self, ids, positions):
-        return self.embed(ids)
-
-    def rope(self, positions):
-        """positions (B, S) -> cos, sin (B, S, D) in the model's dtype, computed in fp32 once per forward."""
-        cfg = self.config
-        d = cfg.head_dim
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
-        seq_len = int(positions.max()) + 1 if positions.numel() else 0
-        inv_freq = ROPE_KINDS[cfg.rope["rope_type"]](inv_freq, cfg.rope, seq_len, cfg)
-        freqs = positions.float()[..., None] * inv_freq                                     # (B, S, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        dtype = self.embed.weight.dtype
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    def final(self, x):
-        return self.norm(x)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                output_attentions=False, last_only=False):
+        """input_ids (B, S); attention_mask (B, past + S) over cached and new tokens (left padding);
+        past_key_values: a KVCache (models/kv_cache.py) that this call reads and extends."""
+        cache = past_key_values
+        layout, positions, attend, probs = causal_entry(self, input_ids, attention_mask, position_ids, cache,
+                                                        output_attentions)
+        x = self.embed(layout.pack(input_ids))                                   # (B, S, H), or (1, T, H) packed
+        cos, sin = self.rope(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, layout, attend, cache, cos, sin)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return causal_output(layout, self.norm(x), self.lm_head, probs, cache, last_only)

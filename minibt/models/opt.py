@@ -1,16 +1,23 @@
-"""OPT: learned positions offset by 2, pre-LN or post-LN layers, optional project_in/out, ReLU, tied LM head."""
+"""OPT (Zhang et al., 2022): learned positions offset by 2, pre-LN (or post-LN, opt-350m) decoder layers, optional
+project_in/out around the stack, ReLU MLP, and an LM head tied to the embeddings.
+
+Textbook maths only; CPU speed tricks are transforms in minibt/kernels/. Shape legend in minibt/attention/__init__.py.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
 
-from .common import activation
-from .decoder import Decoder, DecodeLinear
+from ..config import Fields
+from .causal import CausalLM, causal_entry, causal_output
+from .common import ACTIVATIONS, activation
 
 # Why 2: fairseq reserved the first two rows of the position table (padding_idx + 1); hub checkpoints keep them.
 POSITION_OFFSET = 2
 
+
+# ------------------------------------------------------------------------------------------------------ config
 
 @dataclass
 class OPTConfig:
@@ -19,8 +26,8 @@ class OPTConfig:
     num_layers: int
     num_heads: int
     ffn_dim: int
-    max_positions: int
-    embed_dim: int                          # word_embed_proj_dim: != hidden_size in opt-350m (project_in/out)
+    max_positions: int = 2048
+    embed_dim: int | None = None            # word_embed_proj_dim: != hidden_size in opt-350m (project_in/out)
     pre_norm: bool = True                   # do_layer_norm_before; False in opt-350m (post-LN)
     final_norm: bool = True
     bias: bool = True
@@ -37,40 +44,76 @@ class OPTConfig:
         return self.hidden_size // self.num_heads
 
     @classmethod
-    def from_hf(cls, c: dict) -> "OPTConfig":
-        pre = c.get("do_layer_norm_before", True)
-        return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["ffn_dim"],
-                   c.get("max_position_embeddings", 2048), c.get("word_embed_proj_dim") or c["hidden_size"], pre,
-                   pre and not c.get("_remove_final_layer_norm", False), c.get("enable_bias", True),
-                   c.get("activation_function", "relu"), c.get("pad_token_id", 1), c.get("tie_word_embeddings", True))
+    def from_hf(cls, c: dict, where: str = "config.json") -> "OPTConfig":
+        f = Fields(c, where)
+        hidden = f.int("hidden_size")
+        pre = f.bool("do_layer_norm_before", True)
+        cfg = cls(vocab_size=f.int("vocab_size"), hidden_size=hidden, num_layers=f.int("num_hidden_layers", min=0),
+                  num_heads=f.int("num_attention_heads"), ffn_dim=f.int("ffn_dim"),
+                  max_positions=f.int("max_position_embeddings", 2048),
+                  embed_dim=f.int("word_embed_proj_dim", None, none_ok=True) or hidden, pre_norm=pre,
+                  final_norm=pre and not f.bool("_remove_final_layer_norm", False), bias=f.bool("enable_bias", True),
+                  act=f.str("activation_function", "relu", choices=tuple(ACTIVATIONS)),
+                  pad_token_id=f.int("pad_token_id", 1, min=0, none_ok=True),
+                  tie_word_embeddings=f.bool("tie_word_embeddings", True))
+        f.divides("hidden_size", "num_attention_heads", hidden, cfg.num_heads)
+        return cfg
+
+
+# ------------------------------------------------------------------------------------------------------ blocks
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention (every head has its own keys and values)."""
+
+    def __init__(self, cfg: OPTConfig, index: int):
+        super().__init__()
+        h = cfg.hidden_size
+        self.index, self.num_heads, self.head_dim = index, cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(h, 3 * h, bias=cfg.bias)                                  # q, k, v in one matmul
+        self.out = nn.Linear(h, h, bias=cfg.bias)
+
+    def forward(self, x, layout, attend, cache):
+        b, s, h = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, Hq, S, D)
+        if cache is not None:
+            k, v = cache.update(self.index, k, v, layout.packing)                      # (B, Hq, past + S, D)
+        a = attend(q, k, v, mask=layout.mask, scale=self.head_dim ** -0.5)             # (B, Hq, S, D)
+        return self.out(a.transpose(1, 2).reshape(b, s, h))                            # (B, S, H)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: OPTConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=cfg.bias)
+        self.act = activation(cfg.act, "activation_function")
+        self.down = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
 
 
 class OPTLayer(nn.Module):
-    def __init__(self, cfg: OPTConfig):
+    """Pre-LN: x = x + attention(norm1(x)); x = x + mlp(norm2(x)). Post-LN (opt-350m): the norms after each sum."""
+
+    def __init__(self, cfg: OPTConfig, index: int):
         super().__init__()
-        h = cfg.hidden_size
-        self.heads, self.head_dim, self.pre = cfg.num_heads, cfg.head_dim, cfg.pre_norm
-        self.qkv = DecodeLinear(h, 3 * h, bias=cfg.bias)
-        self.out = DecodeLinear(h, h, bias=cfg.bias)
-        self.norm1 = nn.LayerNorm(h)
-        self.up = DecodeLinear(h, cfg.ffn_dim, bias=cfg.bias)
-        self.act = activation(cfg.act, "activation_function")
-        self.down = DecodeLinear(cfg.ffn_dim, h, bias=cfg.bias)
-        self.norm2 = nn.LayerNorm(h)
+        self.pre_norm = cfg.pre_norm
+        self.norm1 = nn.LayerNorm(cfg.hidden_size)
+        self.attention = Attention(cfg, index)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size)
+        self.mlp = MLP(cfg)
 
-    def forward(self, x, mask, attend, kv):
-        b, s, h = x.shape
-        q, k, v = self.qkv(self.norm1(x) if self.pre else x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if kv is not None:
-            k, v = kv(k, v)                                                        # (B, Hkv, past + S, D)
-        x = x + self.out(attend(q, k, v, mask=mask, scale=self.head_dim ** -0.5).transpose(1, 2).reshape(b, s, h))
-        if not self.pre:
-            x = self.norm1(x)                                                      # post-LN (opt-350m)
-        x = x + self.down(self.act(self.up(self.norm2(x) if self.pre else x)))
-        return x if self.pre else self.norm2(x)
+    def forward(self, x, layout, attend, cache):
+        if self.pre_norm:
+            x = x + self.attention(self.norm1(x), layout, attend, cache)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attention(x, layout, attend, cache))
+        return self.norm2(x + self.mlp(x))
 
 
-class OPT(Decoder):
+# ------------------------------------------------------------------------------------------------------ model
+
+class OPT(CausalLM):
     family = "opt"
 
     def __init__(self, cfg: OPTConfig, head: str = "causal-lm"):
@@ -79,24 +122,37 @@ class OPT(Decoder):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         self.positions = nn.Embedding(cfg.max_positions + POSITION_OFFSET, cfg.hidden_size)
         projected = cfg.embed_dim != cfg.hidden_size
-        self.project_in = DecodeLinear(cfg.embed_dim, cfg.hidden_size, bias=False) if projected else None
-        self.layers = nn.ModuleList(OPTLayer(cfg) for _ in range(cfg.num_layers))
+        self.project_in = nn.Linear(cfg.embed_dim, cfg.hidden_size, bias=False) if projected else None
+        self.layers = nn.ModuleList(OPTLayer(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size) if cfg.final_norm else None
-        self.project_out = DecodeLinear(cfg.hidden_size, cfg.embed_dim, bias=False) if projected else None
-        self.lm_head = DecodeLinear(cfg.embed_dim, cfg.vocab_size, bias=False) if head == "causal-lm" else None
+        self.project_out = nn.Linear(cfg.hidden_size, cfg.embed_dim, bias=False) if projected else None
+        self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False) if head == "causal-lm" else None
         self.set_attention("auto")
 
     @classmethod
-    def from_hf(cls, config: dict, head: str, keys: set):
-        return cls(OPTConfig.from_hf(config), head)
+    def from_hf(cls, config: dict, head: str, keys: set, where: str = "config.json"):
+        return cls(OPTConfig.from_hf(config, where), head)
 
-    def inputs(self, ids, positions):
-        x = self.embed(ids)
+    def max_length(self) -> int:
+        return self.config.max_positions
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                output_attentions=False, last_only=False):
+        """input_ids (B, S); attention_mask (B, past + S) over cached and new tokens (left padding);
+        past_key_values: a KVCache (models/kv_cache.py) that this call reads and extends."""
+        cache = past_key_values
+        layout, positions, attend, probs = causal_entry(self, input_ids, attention_mask, position_ids, cache,
+                                                        output_attentions)
+        x = self.embed(layout.pack(input_ids))                                   # (B, S, E), or (1, T, E) packed
         if self.project_in is not None:
-            x = self.project_in(x)
-        return x + self.positions(positions + POSITION_OFFSET)
-
-    def final(self, x):
+            x = self.project_in(x)                                               # E -> H
+        x = x + self.positions(positions + POSITION_OFFSET)
+        for layer in self.layers:
+            x = layer(x, layout, attend, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return self.project_out(x) if self.project_out is not None else x
+        if self.project_out is not None:
+            x = self.project_out(x)                                              # H -> E
+        return causal_output(layout, x, self.lm_head, probs, cache, last_only)

@@ -3,13 +3,19 @@ from dataclasses import replace
 
 import torch
 
+from ..config import Fields
+from ..errors import ConfigError
 from .bert import Bert, BertConfig
 
 
 class RobertaConfig(BertConfig):
     @classmethod
-    def from_hf(cls, c: dict) -> BertConfig:
-        return replace(BertConfig.from_hf(c), pad_token_id=c.get("pad_token_id", 1), mlm_act="gelu")
+    def from_hf(cls, c: dict, where: str = "config.json") -> BertConfig:
+        pad = Fields(c, where).int("pad_token_id", 1, min=0, none_ok=True)
+        if pad is None:
+            raise ConfigError(f"{where}: pad_token_id is null, but RoBERTa numbers its positions from "
+                              "pad_token_id + 1: set it (1 in every released RoBERTa)")
+        return replace(BertConfig.from_hf(c, where), pad_token_id=pad, mlm_act="gelu")
 
 
 class Roberta(Bert):
@@ -20,7 +26,7 @@ class Roberta(Bert):
     def max_length(self):
         return self.config.max_positions - self.config.pad_token_id - 1
 
-    def position_ids(self, input_ids, attention_mask):
+    def position_ids(self, input_ids):
         # Why: fairseq numbered positions from padding_idx + 1 and gave padding the padding_idx position.
         # transformers derives "padding" from input_ids == pad_token_id (not from the attention mask); so do we.
         real = input_ids.ne(self.config.pad_token_id).long()

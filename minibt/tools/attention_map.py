@@ -23,10 +23,22 @@ def attention_probs(model, tok, text: str, layer: int, head: int):
     probs = out.attentions[layer][0]
     if not 0 <= head < probs.shape[0]:
         raise InputError(f"head {head} out of range: layer {layer} has {probs.shape[0]} heads (0..{probs.shape[0] - 1})")
-    return tok.convert_ids_to_tokens(batch["input_ids"][0]), probs[head].float()
+    return token_labels(tok, batch["input_ids"][0].tolist()), probs[head].float()
 
 
-def attention_map(model, tok, text: str, layer: int = 0, head: int = 0, path="attention.png") -> Path:
+def token_labels(tok, ids) -> list[str]:
+    """Readable axis labels: each token decoded on its own (byte-level `Ġcat` -> `cat`, `▁cat` -> `cat`);
+    the raw piece where decoding alone gives nothing readable (special tokens, part of a multi-byte character).
+    WordPiece continuations keep their `##` (`##ing`), which says that they continue a word."""
+    labels = []
+    for piece, i in zip(tok.convert_ids_to_tokens(ids), ids):
+        text = tok.decode([i], skip_special_tokens=False).strip()
+        labels.append(piece if not text or "\ufffd" in text else text)
+    return labels
+
+
+def attention_map(model, tok, text: str, layer: int = 0, head: int = 0, path="attention.png", title=None) -> Path:
+    """title: names the model and dtype (default: the model folder's name and the weights' dtype)."""
     tokens, probs = attention_probs(model, tok, text, layer, head)
     try:
         import matplotlib
@@ -41,7 +53,10 @@ def attention_map(model, tok, text: str, layer: int = 0, head: int = 0, path="at
     ax.set_yticks(range(len(tokens)), tokens, fontsize=8)
     ax.set_xlabel("key")
     ax.set_ylabel("query")
-    ax.set_title(f"layer {layer}, head {head}")
+    if title is None:
+        source = Path(str(getattr(model, "source", "model")))
+        title = f"{source.name}, {str(next(model.parameters()).dtype).removeprefix('torch.')}"
+    ax.set_title(f"{title}: layer {layer}, head {head}")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     path = Path(path)

@@ -25,10 +25,11 @@ class AuditResult:
     layers: int
     rows: list = field(default_factory=list)       # one dict per backend and layer
     summary: dict = field(default_factory=dict)    # backend -> {ms, peak_mb, first_bad_layer, max_rel}
+    title: str = ""                                # names the model and dtype on plots
 
     def table(self) -> str:
-        lines = [f"| backend | ms / forward | peak live MB | max rel. error (hidden) | first layer out of tolerance "
-                 f"({TOLERANCE[self.dtype]:.0e}) |", "|---|---|---|---|---|"]
+        lines = ["| backend | ms / forward | peak live MB | max rel. error (hidden states and attention outputs) | "
+                 f"first layer out of tolerance ({TOLERANCE[self.dtype]:.0e}) |", "|---|---|---|---|---|"]
         for name, s in self.summary.items():
             bad = "none" if s["first_bad_layer"] is None else str(s["first_bad_layer"])
             lines.append(f"| {name} | {s['ms']:.1f} | {s['peak_mb']:.1f} | {s['max_rel']:.1e} | {bad} |")
@@ -94,16 +95,18 @@ def _quiet_stderr():
             os.close(saved)
 
 
-def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None) -> AuditResult:
+def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None, title: str = "",
+          progress=None) -> AuditResult:
     """inputs: the model's keyword inputs (input_ids, attention_mask[, token_type_ids]). Reference: naive in
-    float64 on a copy of the model. Prints nothing; see AuditResult.table() and write_report()."""
+    float64 on a copy of the model. Prints nothing; see AuditResult.table() and write_report().
+    title: names the model on plots; progress: called with each backend's name when it is done."""
     inputs = dict(inputs)
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
-    names = list(backends) if backends else [n for n in attention.backends()]
+    names = list(backends) if backends else attention.functions()
     dtype = next(model.parameters()).dtype
     ref = copy.deepcopy(model).to(torch.float64)
     ref_attn, ref_hidden = _trace(ref, attention.get("naive"), inputs)
-    result = AuditResult(dtype, len(model.layers))
+    result = AuditResult(dtype, len(model.layers), title=title)
     saved_attn = model.attn
     try:
         for name in names:
@@ -131,6 +134,8 @@ def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None)
                 peak = _peak_live_bytes(lambda: model(**inputs))
             result.summary[name] = dict(ms=statistics.median(times) * 1e3, peak_mb=peak / 2**20,
                                         first_bad_layer=first_bad, max_rel=worst)
+            if progress is not None:
+                progress(name)
     finally:
         model.set_attention(saved_attn)
     if out_dir is not None:
@@ -157,6 +162,7 @@ def write_report(result: AuditResult, folder: Path) -> Path:
         ax.axhline(TOLERANCE[result.dtype], color="k", linestyle=":", label="tolerance")
         ax.set_xlabel("layer")
         ax.set_ylabel("max relative error of hidden states vs naive fp64")
+        ax.set_title(result.title or f"dtype {str(result.dtype).removeprefix('torch.')}")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(folder / "errors.png", dpi=100)
@@ -164,6 +170,7 @@ def write_report(result: AuditResult, folder: Path) -> Path:
             fig, ax = plt.subplots(figsize=(6, 3.5))
             ax.bar(list(result.summary), [s[key] for s in result.summary.values()])
             ax.set_ylabel(label)
+            ax.set_title(result.title or f"dtype {str(result.dtype).removeprefix('torch.')}")
             fig.tight_layout()
             fig.savefig(folder / file, dpi=100)
         plt.close("all")

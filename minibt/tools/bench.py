@@ -1,19 +1,23 @@
 """`minibt bench`: encoder time vs padding, every minibt backend (and, through `--with`, other libraries) on the
 same weights and inputs.
 
-The seed experiment as a command: batch x length x padding fraction, interleaved runs (each repetition runs every
-contender once, in turn), median times, speedup against transformers' sdpa measured in the same run when
-`--with benchmarks.hf_contenders` adds transformers (minibt never imports it), else against minibt's sdpa.
+Batch x length x padding fraction, interleaved runs (each repetition runs every contender once, in turn), median
+times, speedup against minibt's sdpa; when `--with benchmarks.hf_contenders` adds transformers (minibt never imports
+it), against transformers' sdpa measured in the same run. torch is imported inside the functions, so the CLI can
+read SHAPES for its help without it.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+from ..errors import MinibtError
+from .progress import Progress
 
 SHAPES = {   # random-weight model shapes (no download)
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -25,6 +29,7 @@ SHAPES = {   # random-weight model shapes (no download)
 def padded_batch(batch: int, length: int, padding: float, vocab: int, seed: int = 0):
     """Right-padded batch whose padding fraction is `padding`: row 0 is full (so the width is `length`),
     the other rows share the remaining real tokens evenly."""
+    import torch
     total = round((1 - padding) * batch * length)
     rest = max(total - length, 0)
     lengths = [length] + [rest // (batch - 1) + (i < rest % (batch - 1)) for i in range(batch - 1)] if batch > 1 else [length]
@@ -35,29 +40,64 @@ def padded_batch(batch: int, length: int, padding: float, vocab: int, seed: int 
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def random_model(shape: str, dtype):
+def random_model(shape: str, dtype, compile: bool = False):
     """A bert-shaped minibt model with random weights (no checkpoint, no download)."""
+    import torch
+    from ..kernels import compile as compile_transform
     from ..models.bert import Bert, BertConfig
     c = SHAPES[shape]
     torch.manual_seed(0)
-    cfg = BertConfig(30522, c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["intermediate_size"])
-    return Bert(cfg, pooler=False).to(dtype).eval()
+    cfg = BertConfig(vocab_size=30522, hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+                     num_heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"])
+    model = Bert(cfg, pooler=False).to(dtype).eval()
+    if compile:
+        compile_transform.apply(model)
+    return model
+
+
+def torch_dtype(name: str | None):
+    import torch
+    return {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def load_contenders(spec: str | None):
-    """`--with module:function`: a function(shape_or_checkpoint, dtype) -> (folder or None, {name: fn(ids, mask)})
-    that adds other libraries' runs (benchmarks/hf_contenders.py adds transformers). minibt itself never imports
-    them. When it returns a folder, minibt loads the same weights from it."""
+    """`--with module[:function]` or `--with path/to/file.py[:function]`: a function(shape_or_checkpoint, dtype) ->
+    (folder or None, {name: fn(ids, mask)}) that adds other libraries' runs (benchmarks/hf_contenders.py adds
+    transformers). minibt itself never imports them. When it returns a folder, minibt loads the same weights."""
     if not spec:
         return None
-    import importlib
-    module, _, function = spec.partition(":")
-    return getattr(importlib.import_module(module), function or "contenders")
+    # other libraries' own progress bars and warnings would interleave with ours
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if "huggingface_hub" in sys.modules:               # already imported: it read the variable at import
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    module, _, function = spec.rpartition(":") if spec.count(":") and not spec.endswith(".py") else (spec, "", "")
+    function = function or "contenders"
+    try:
+        if module.endswith(".py") or os.sep in module:
+            path = Path(module)
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file {path}")
+            loader = importlib.util.spec_from_file_location(path.stem, path)
+            mod = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(module)
+    except Exception as e:              # whatever the module raises while importing, say which and why
+        hint = ("; outside a checkout pass the file itself, e.g. --with path/to/benchmarks/hf_contenders.py"
+                if module.startswith("benchmarks.") else "")
+        raise MinibtError(f"--with {spec}: cannot import {module}: {type(e).__name__}: {e}{hint}") from None
+    fn = getattr(mod, function, None)
+    if not callable(fn):
+        raise MinibtError(f"--with {spec}: {module} has no function {function!r}")
+    return fn
 
 
 def matmul_peak(dtype, n=1024, k=768, m=3072, reps=20) -> float:
     """GFLOP/s of one large GEMM (best of `reps`), the ceiling a dense encoder can reach on this machine.
     The first calls of a process run slow (thread pool, page faults), so three warm-ups."""
+    import torch
     a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, m, dtype=dtype)
     for _ in range(3):
         a @ b
@@ -92,27 +132,35 @@ def contenders(model, backends, compile_model=None):
     return out
 
 
-def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.75), dtype=torch.float32,
+def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.75), dtype=None,
         backends=("sdpa", "varlen", "fused", "auto"), reps=5, compile=False, progress=True, others=None):
     """Returns (rows, peak GFLOP/s); each row: batch, length, padding, contender, ms, and the speedup over the
     baseline ("transformers sdpa" when `others` adds it, else "minibt sdpa")."""
+    import torch
     from .. import from_hub
-    folder, extra = others(model, dtype) if others else (None, {})
+    dtype = dtype or torch.float32
+    if others:
+        try:
+            folder, extra = others(model, dtype)
+        finally:
+            _quiet_transformers()
+    else:
+        folder, extra = None, {}
     if folder is None and model not in SHAPES:
         folder = model
     if folder is not None:
         ours = from_hub(folder, dtype=dtype, head="base")
-        twin = from_hub(folder, dtype=dtype, head="base").compile_layers() if compile else None
+        twin = from_hub(folder, dtype=dtype, head="base", compile=True) if compile else None
     else:
         ours = random_model(model, dtype)
-        twin = random_model(model, dtype).compile_layers() if compile else None
+        twin = random_model(model, dtype, compile=True) if compile else None
     models = {**contenders(ours, list(backends), twin), **extra}
     cfg = ours.config
     peak = matmul_peak(dtype)
     grid = list(itertools.product(batches, lengths, paddings))
     rows = []
-    started = time.perf_counter()
-    for i, (b, s, p) in enumerate(grid):
+    bar = Progress(len(grid), "points", enabled=progress, every=0)
+    for b, s, p in grid:
         ids, mask = padded_batch(b, s, p, cfg.vocab_size)
         times = {name: [] for name in models}
         with torch.inference_mode():
@@ -127,15 +175,17 @@ def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.7
         for name, t in med.items():
             rows.append(dict(batch=b, length=s, padding=p, contender=name, ms=t * 1e3,
                              speedup=base / t if base else float("nan"), gflops=flops / t / 1e9))
-        if progress:
-            done = i + 1
-            eta = (time.perf_counter() - started) / done * (len(grid) - done)
-            bar = "#" * (30 * done // len(grid))
-            print(f"\r[{bar:<30}] {done}/{len(grid)} B{b} S{s} pad {p:.2f}  eta {eta:4.0f}s", end="", file=sys.stderr,
-                  flush=True)
-    if progress:
-        print(file=sys.stderr)
+        bar.update(1, f"B{b} S{s} pad {p:.2f}")
+    bar.close()
     return rows, peak
+
+
+def _quiet_transformers():
+    """transformers' loading bars and warnings, if it was imported by a contender."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
 
 
 def markdown(rows, peak, dtype) -> str:

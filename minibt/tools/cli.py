@@ -1,17 +1,111 @@
-"""The `minibt` command: embed, fill-mask (and more as they land)."""
+"""The `minibt` command.
+
+One table, COMMANDS, says what each command is and which flags it takes: `minibt --help`, each command's `--help`,
+the parser and the README's command table (checked by tests/test_cli.py) all come from it. A command module adds
+its own flags with `add_arguments(parser)` and runs with `run(args)`; shared flags (--model, --attn, --dtype) come
+from the helpers below, so they are validated the same way everywhere.
+
+Adding a command (e.g. `serve`): give its module `add_arguments(parser)` and `run(args)` (no torch import at the
+module's top), add one `Command(...)` to COMMANDS and its row to the README's command table (tests/test_cli.py
+fails until the row lists exactly the parser's flags). A flag several commands share (e.g. `--quantize`) gets one
+`add_*` helper here, called from each command's arguments function, so it is defined and validated once.
+
+Nothing here imports torch at module level: `minibt --help` and `--version` stay fast. The list of attention
+backends comes from minibt.attention.backends(), read only when a command's help is shown or --attn is given.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..errors import MinibtError
 from ..hub import bundled_model
 
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
 
-def _model_arg(value):
-    if value:
+
+# ------------------------------------------------------------------------------------------ argument types
+
+def _number(kind, low=None, high=None, *, high_open=False, low_open=False):
+    """An argparse type: `kind` within [low, high] (open ends as asked); a clear one-line error otherwise."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(x for x in (lo, hi) if x)}, got {text}")
         return value
+    parse.__name__ = kind.__name__                     # argparse names the type in its messages
+    return parse
+
+
+positive = _number(int, 1)
+non_negative = _number(int, 0)
+
+
+class _Backends:
+    """argparse `choices` for attention backends, read from the registry only when needed (importing the registry
+    imports torch, which `minibt --help` should not pay for)."""
+
+    def names(self):
+        from .. import attention
+        return attention.backends()
+
+    def __contains__(self, name):
+        return name in self.names()
+
+    def __iter__(self):
+        return iter(self.names())
+
+
+# Every name comes from minibt.attention.backends() (attention functions, the auto route, the fused transform).
+BACKENDS = _Backends()
+
+
+class _BackendList:
+    """--backends a,b,c: each name checked against the registry."""
+    __name__ = "backend list"
+
+    def __call__(self, text):
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in BACKENDS]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"unknown backend {', '.join(map(repr, unknown)) or repr(text)}; "
+                                             f"choose from {', '.join(BACKENDS)}")
+        return names
+
+
+def add_model(p, help="hub repo id or local folder (default: the bundled all-MiniLM-L6-v2, see "
+                      "minibt.bundled_model())", **kw):
+    p.add_argument("--model", help=help, **kw)
+
+
+def add_attn(p):
+    p.add_argument("--attn", default="auto", choices=BACKENDS, metavar="NAME",
+                   help="attention backend: %(choices)s (default: %(default)s)")
+
+
+def add_dtype(p, default=None, help="weights and activations dtype (default: the checkpoint's)"):
+    p.add_argument("--dtype", default=default, choices=list(DTYPES), metavar="DTYPE",
+                   help=f"{', '.join(DTYPES)} ({help})")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def model_name(args) -> str:
+    """The --model given, or the bundled model's folder (a clear error when neither exists)."""
+    if getattr(args, "model", None):
+        return args.model
     folder = bundled_model()
     if folder is None:
         raise MinibtError("no --model given and the default model is not installed: "
@@ -19,72 +113,157 @@ def _model_arg(value):
     return str(folder)
 
 
-def cmd_embed(args):
+def model_label(args) -> str:
+    """How plots and tables name the model."""
+    return args.model or "all-MiniLM-L6-v2 (bundled)"
+
+
+def dtype_of(args):
+    """--dtype as a from_hub value; fp16 on a CPU gets one clear line, not a Python warning."""
+    if args.dtype is None:
+        return None
+    name = DTYPES[args.dtype]
+    if name == "float16":
+        warnings.filterwarnings("ignore", message="float16 matmuls on CPU")
+        print("minibt: warning: float16 on CPU is about 1000x slower than bfloat16 here; use --dtype bf16",
+              file=sys.stderr)
+    return name
+
+
+def load(args, **kw):
+    import minibt
+    name = model_name(args)
+    return minibt.from_hub(name, attn=getattr(args, "attn", "auto"), dtype=dtype_of(args), **kw), name
+
+
+# -------------------------------------------------------------------------------------------- commands
+
+def embed_args(p):
+    add_model(p)
+    add_attn(p)
+    add_dtype(p)
+    p.add_argument("texts", nargs="*", help="texts to compare (or use --file)")
+    p.add_argument("--vectors", action="store_true", help="print the vectors instead of similarities")
+    p.add_argument("--file", help="embed every line of this file ('-' for stdin) into --out; row i = line i")
+    p.add_argument("--out", help="vectors.npy or vectors.jsonl (written incrementally)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted --file run (same model and input)")
+    p.add_argument("--chunk", type=positive, default=2048,
+                   help="lines per committed chunk (memory bound, resume granularity; default %(default)s)")
+    p.add_argument("--batch-tokens", type=positive, default=4096,
+                   help="token budget of one forward pass (default %(default)s)")
+
+
+def embed_run(args):
     import torch
     import minibt
-    name = _model_arg(args.model)
-    model = minibt.from_hub(name, attn=args.attn, dtype=args.dtype, head="base")
+    if args.file:
+        if not args.out:
+            raise MinibtError("--file needs --out vectors.npy (or .jsonl)")
+        if args.texts or args.vectors:
+            raise MinibtError("--file writes every vector to --out: give texts (or --vectors) or --file, not both")
+    elif args.out or args.resume:
+        raise MinibtError("--out and --resume go with --file")
+    elif not args.texts:
+        raise MinibtError("give texts to embed, or --file corpus.txt --out vectors.npy")
+    model, name = load(args, head="base")
     tok = minibt.load_tokenizer(name)
     if args.file:
         from .embed_file import embed_file
-        if not args.out:
-            raise MinibtError("--file needs --out vectors.npy (or .jsonl)")
         rows = embed_file(model, tok, args.file, Path(args.out), resume=args.resume, chunk=args.chunk,
                           batch_tokens=args.batch_tokens)
         print(f"{rows} vectors -> {args.out}")
         return
-    if not args.texts:
-        raise MinibtError("give texts to embed, or --file corpus.txt --out vectors.npy")
     vecs = minibt.embed(model, tok, args.texts, batch_tokens=args.batch_tokens)
-    torch.set_printoptions(precision=4, sci_mode=False, linewidth=120)
     if args.vectors or len(args.texts) == 1:
         for text, v in zip(args.texts, vecs):
             print(f"{text[:40]!r}: [{', '.join(f'{x:.4f}' for x in v[:8].tolist())}, ...] ({v.numel()} dims)")
         return
-    sims = torch.nn.functional.normalize(vecs, dim=-1) @ torch.nn.functional.normalize(vecs, dim=-1).T
+    unit = torch.nn.functional.normalize(vecs, dim=-1)
+    sims = unit @ unit.T
     width = max(len(t[:30]) for t in args.texts)
     print("cosine similarity")
     for i, text in enumerate(args.texts):
         print(f"{text[:30]:<{width}}  " + "  ".join(f"{x:6.3f}" for x in sims[i].tolist()))
 
 
-def cmd_fill_mask(args):
+def fill_mask_args(p):
+    add_model(p, help="a *ForMaskedLM hub repo id or folder (the bundled default has no masked-LM head)")
+    add_attn(p)
+    add_dtype(p)
+    p.add_argument("texts", nargs="+", help="texts with one or more [MASK] (or the model's own mask token)")
+    p.add_argument("--top-k", type=positive, default=5, help="predictions per mask (default %(default)s)")
+
+
+def fill_masks(model, tok, text: str, top_k: int):
+    """[(mask index, [(probability, token text, text with this mask filled), ...])], one entry per mask;
+    every mask is predicted from the same forward pass (as transformers' fill-mask pipeline does)."""
     import torch
+    mask_id = tok.token_id("mask_token")
+    mask_text = tok.config.get("mask_token")
+    mask_text = mask_text["content"] if isinstance(mask_text, dict) else mask_text
+    if mask_id is None or not mask_text:
+        raise MinibtError("this tokenizer has no mask token (tokenizer_config.json: mask_token)")
+    text = text.replace("[MASK]", mask_text)
+    batch = tok([text])
+    where = (batch["input_ids"][0] == mask_id).nonzero().flatten().tolist()
+    if not where:
+        raise MinibtError(f"no {mask_text} token in {text!r}")
+    with torch.inference_mode():
+        logits = model(**batch).logits[0]
+    pieces = text.split(mask_text)                     # mask j sits between pieces[j] and pieces[j + 1]
+    out = []
+    for j, pos in enumerate(where):
+        top = logits[pos].float().softmax(-1).topk(top_k)
+        rows = []
+        for p, i in zip(top.values.tolist(), top.indices.tolist()):
+            word = tok.decode([i]).strip()
+            filled = mask_text.join(pieces[:j + 1]) + word + mask_text.join(pieces[j + 1:])
+            rows.append((p, word, filled))
+        out.append((j, rows))
+    return out
+
+
+def fill_mask_run(args):
     import minibt
-    name = _model_arg(args.model)
-    model = minibt.from_hub(name, attn=args.attn, dtype=args.dtype)
+    model, name = load(args)
     if getattr(model, "mlm", None) is None:
         default = " (the default model, all-MiniLM-L6-v2, is a sentence-embedding model)" if not args.model else ""
         raise MinibtError(f"{name}: this checkpoint has no masked-LM head{default}; pass --model with a *ForMaskedLM "
                           "checkpoint, e.g. bert-base-uncased or distilroberta-base")
     tok = minibt.load_tokenizer(name)
-    mask_id = tok.token_id("mask_token")
-    mask_text = tok.config.get("mask_token")
-    mask_text = mask_text["content"] if isinstance(mask_text, dict) else mask_text
     for text in args.texts:
-        text = text.replace("[MASK]", mask_text) if mask_text else text
-        batch = tok([text])
-        where = (batch["input_ids"][0] == mask_id).nonzero().flatten()
-        if where.numel() == 0:
-            raise MinibtError(f"no {mask_text} token in {text!r}")
-        with torch.inference_mode():
-            logits = model(**batch).logits[0]
-        for pos in where.tolist():
-            probs = logits[pos].float().softmax(-1)
-            top = probs.topk(args.top_k)
-            for p, i in zip(top.values.tolist(), top.indices.tolist()):
-                print(f"{p:.3f}  {text.replace(mask_text, tok.decode([i]).strip(), 1)}")
+        masks = fill_masks(model, tok, text, args.top_k)
+        for j, rows in masks:
+            if len(masks) > 1:
+                print(f"mask {j + 1} of {len(masks)}:")
+            for p, _, filled in rows:
+                print(f"{p:.3f}  {filled}")
 
 
-def cmd_generate(args):
+def generate_args(p):
+    add_model(p, required=True, help="a causal LM (OPT or Llama): hub repo id or folder (required: the bundled "
+                                     "default is an encoder)")
+    add_attn(p)
+    add_dtype(p)
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=non_negative, default=40, help="default %(default)s")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=_number(float, 0, low_open=True), default=1.0, help="> 0, with --sample")
+    p.add_argument("--top-k", type=positive, default=None, help="with --sample: keep the k most likely tokens")
+    p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=None,
+                   help="with --sample: nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="with --sample: reproducible sampling")
+
+
+def generate_run(args):
     import minibt
-    if not args.model:
-        raise MinibtError("generate needs --model <hub id or folder of a causal LM> (OPT or Llama); the bundled "
-                          "default, all-MiniLM-L6-v2, is an encoder")
-    model = minibt.from_hub(args.model, attn=args.attn, dtype=args.dtype)
+    if args.attn == "fused":
+        raise MinibtError("--attn fused is the encoder-layer fastpath; generate runs decoders: use one of "
+                          + ", ".join(n for n in BACKENDS if n != "fused"))
+    model, name = load(args)
     if getattr(model, "lm_head", None) is None:
-        raise MinibtError(f"{args.model}: not a causal LM checkpoint (no LM head); generate needs OPT or Llama")
-    tok = minibt.load_tokenizer(args.model)
+        raise MinibtError(f"{name}: not a causal LM checkpoint (no LM head); generate needs OPT or Llama")
+    tok = minibt.load_tokenizer(name)
     batch = tok([args.prompt])
     new = []
     shown = ""
@@ -97,125 +276,145 @@ def cmd_generate(args):
             print(text[len(shown):], end="", flush=True)
             shown = text
     print(args.prompt, end="", flush=True)
-    model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=args.max_new_tokens,
-                   do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, streamer=stream)
+    if args.max_new_tokens:
+        model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, streamer=stream)
     print()
 
 
-def cmd_audit(args):
+def audit_args(p):
+    add_model(p)
+    add_dtype(p)
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--backends", type=_BackendList(), metavar="A,B,...",
+                   help="comma-separated backends to audit (default: every registered one)")
+    p.add_argument("--out", help="write a report folder (report.md, and PNG plots when matplotlib is installed)")
+    p.add_argument("--layers", action="store_true", help="also print the per-layer table")
+
+
+def audit_run(args):
+    import importlib.util
     import minibt
-    name = _model_arg(args.model)
-    model = minibt.from_hub(name, dtype=args.dtype)
+    from .progress import Progress
+    model, name = load(args)
     tok = minibt.load_tokenizer(name)
-    backends = args.backends.split(",") if args.backends else None
-    result = minibt.audit(model, tok(args.texts), backends, out_dir=args.out)
+    names = args.backends or minibt.attention.backends()
+    bar = Progress(len(names), "backends")
+    title = f"{model_label(args)}, {str(next(model.parameters()).dtype).removeprefix('torch.')}"
+    result = minibt.audit(model, tok(args.texts), names, out_dir=args.out, title=title,
+                          progress=lambda name: bar.update(1, name))
+    bar.close()
     print(result.table() if args.layers else result.table().split("\n\n")[0])
     if args.out:
+        if importlib.util.find_spec("matplotlib") is None:
+            print("matplotlib is not installed: the report has no plots (pip install 'minibt[plot]')")
         print(f"report: {Path(args.out) / 'report.md'}")
 
 
-def cmd_attend_map(args):
+def attend_map_args(p):
+    add_model(p)
+    add_dtype(p)
+    p.add_argument("text")
+    p.add_argument("--layer", type=non_negative, default=0)
+    p.add_argument("--head", type=non_negative, default=0)
+    p.add_argument("--out", default="attention.png", help="PNG path (default %(default)s; needs matplotlib)")
+
+
+def attend_map_run(args):
     import minibt
     from .attention_map import attention_map
-    name = _model_arg(args.model)
-    path = attention_map(minibt.from_hub(name), minibt.load_tokenizer(name), args.text, args.layer, args.head, args.out)
+    model, name = load(args)            # attention probabilities always come from `naive`, the spec
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    path = attention_map(model, minibt.load_tokenizer(name), args.text, args.layer, args.head, args.out,
+                         title=f"{model_label(args)}, {dtype}")
     print(f"wrote {path}")
 
 
-def cmd_bench(args):
-    import torch
+def bench_args(p):
+    from .bench import SHAPES                           # a plain dict; bench imports torch only inside functions
+    add_model(p, default="bert-base", help=f"{' | '.join(SHAPES)} (random weights, no download) or a checkpoint "
+                                           "(default %(default)s)")
+    add_dtype(p, default="fp32", help="default fp32; random weights are cast to it")
+    p.add_argument("--batch", type=positive, nargs="+", default=[8], help="batch sizes (default 8)")
+    p.add_argument("--length", type=positive, nargs="+", default=[128], help="sequence lengths (default 128)")
+    p.add_argument("--padding", type=_number(float, 0, 1, high_open=True), nargs="+",
+                   default=[0, 0.1, 0.2, 0.5, 0.75], help="padding fractions in [0, 1) (default 0 0.1 0.2 0.5 0.75)")
+    p.add_argument("--backends", type=_BackendList(), default=["sdpa", "varlen", "fused", "auto"], metavar="A,B,...",
+                   help="minibt backends to time (default sdpa,varlen,fused,auto)")
+    p.add_argument("--reps", type=positive, default=5, help="timed repetitions per point (default %(default)s)")
+    p.add_argument("--with", dest="others", metavar="MODULE[:FUNCTION]",
+                   help="add other libraries' contenders: a module or a .py file, e.g. benchmarks.hf_contenders "
+                        "(in a checkout) adds transformers eager and sdpa; speedups are then against transformers "
+                        "sdpa")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
+    p.add_argument("--full", action="store_true", help="a larger grid: batch 8/16/64 x length 64/128/256 x "
+                                                       "padding 0/0.1/0.2/0.5/0.75")
+    p.add_argument("--out", help="write the markdown table here")
+    p.add_argument("--plot", help="write a PNG plot of speedup vs padding here (needs matplotlib)")
+
+
+def bench_run(args):
     from . import bench
-    dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[args.dtype]
-    if args.full:                                     # the seed's grid
+    dtype = bench.torch_dtype(dtype_of(args))
+    if args.full:
         args.batch, args.length, args.padding = [8, 16, 64], [64, 128, 256], [0, 0.1, 0.2, 0.5, 0.75]
-    rows, peak = bench.run(args.model, args.batch, args.length, args.padding, dtype, args.backends.split(","),
-                           args.reps, compile=args.compile, others=bench.load_contenders(args.others))
+    others = bench.load_contenders(args.others)
+    rows, peak = bench.run(args.model, args.batch, args.length, args.padding, dtype, args.backends,
+                           args.reps, compile=args.compile, others=others)
     table = bench.markdown(rows, peak, dtype)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
     if args.plot:
-        bench.plot(rows, Path(args.plot), f"{args.model} {args.dtype}")
+        bench.plot(rows, Path(args.plot), f"{args.model}, {str(dtype).removeprefix('torch.')}")
 
 
-def parser():
-    p = argparse.ArgumentParser(prog="minibt", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable
+    run: Callable
 
-    def common(sp):
-        sp.add_argument("--model", help="hub repo id or local folder (default: the bundled all-MiniLM-L6-v2)")
-        sp.add_argument("--attn", default="auto", help="attention backend: naive, sdpa, varlen, flash, fused, auto")
-        sp.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
 
-    e = sub.add_parser("embed", help="sentence embeddings: cosine similarity matrix (or --vectors)")
-    common(e)
-    e.add_argument("texts", nargs="*")
-    e.add_argument("--vectors", action="store_true", help="print the vectors instead of similarities")
-    e.add_argument("--file", help="embed every line of this file ('-' for stdin) into --out")
-    e.add_argument("--out", help="vectors.npy or vectors.jsonl (written incrementally)")
-    e.add_argument("--resume", action="store_true", help="continue an interrupted --file run")
-    e.add_argument("--chunk", type=int, default=2048, help="lines per chunk (memory bound, resume granularity)")
-    e.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one forward pass")
-    e.set_defaults(fn=cmd_embed)
+COMMANDS = [
+    Command("embed", "sentence embeddings: cosine similarity matrix, --vectors, or --file corpus.txt --out v.npy",
+            embed_args, embed_run),
+    Command("fill-mask", "top predictions for each [MASK] (needs a masked-LM checkpoint)", fill_mask_args,
+            fill_mask_run),
+    Command("generate", "stream a continuation of a prompt (OPT or Llama checkpoints)", generate_args, generate_run),
+    Command("audit", "every backend vs naive in float64, layer by layer: error, time, memory", audit_args,
+            audit_run),
+    Command("attend-map", "PNG heatmap of one head's attention probabilities", attend_map_args, attend_map_run),
+    Command("bench", "encoder time vs padding for minibt's backends on the same weights (other libraries "
+                     "with --with)", bench_args, bench_run),
+]
 
-    f = sub.add_parser("fill-mask", help="top predictions for [MASK] (needs a masked-LM checkpoint)")
-    common(f)
-    f.add_argument("texts", nargs="+")
-    f.add_argument("--top-k", type=int, default=5)
-    f.set_defaults(fn=cmd_fill_mask)
-    g = sub.add_parser("generate", help="stream a continuation of a prompt (OPT or Llama checkpoints)")
-    common(g)
-    g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=40)
-    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.set_defaults(fn=cmd_generate)
 
-    a = sub.add_parser("audit", help="every backend vs naive in float64, layer by layer: error, time, memory")
-    common(a)
-    a.add_argument("texts", nargs="+")
-    a.add_argument("--backends", help="comma-separated (default: every registered backend)")
-    a.add_argument("--out", help="write a report folder (report.md + PNG plots)")
-    a.add_argument("--layers", action="store_true", help="also print the per-layer table")
-    a.set_defaults(fn=cmd_audit)
-
-    m = sub.add_parser("attend-map", help="PNG heatmap of one head's attention probabilities")
-    common(m)
-    m.add_argument("text")
-    m.add_argument("--layer", type=int, default=0)
-    m.add_argument("--head", type=int, default=0)
-    m.add_argument("--out", default="attention.png")
-    m.set_defaults(fn=cmd_attend_map)
-
-    b = sub.add_parser("bench", help="encoder time vs padding: minibt backends and transformers, same weights")
-    b.add_argument("--model", default="bert-base", help="bert-base | bert-large | minilm (random weights) or a checkpoint")
-    b.add_argument("--batch", type=int, nargs="+", default=[8])
-    b.add_argument("--length", type=int, nargs="+", default=[128])
-    b.add_argument("--padding", type=float, nargs="+", default=[0, 0.1, 0.2, 0.5, 0.75])
-    b.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16"])
-    b.add_argument("--backends", default="sdpa,varlen,fused,auto")
-    b.add_argument("--reps", type=int, default=5)
-    b.add_argument("--with", dest="others", metavar="MODULE[:FUNCTION]",
-                   help="add other libraries' contenders, e.g. benchmarks.hf_contenders (transformers, from the repo)")
-    b.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
-    b.add_argument("--full", action="store_true", help="the seed's grid: batch 8/16/64 x length 64/128/256 x 5 paddings")
-    b.add_argument("--out", help="write the markdown table here")
-    b.add_argument("--plot", help="write a PNG plot of speedup vs padding here (needs matplotlib)")
-    b.set_defaults(fn=cmd_bench)
+def parser() -> argparse.ArgumentParser:
+    import minibt
+    p = argparse.ArgumentParser(prog="minibt", description="BERT, RoBERTa, DistilBERT, OPT and Llama in plain "
+                                "PyTorch. `minibt COMMAND --help` shows a command's flags.")
+    p.add_argument("--version", action="version", version=f"minibt {minibt.__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for c in COMMANDS:
+        sp = sub.add_parser(c.name, help=c.help, description=c.help)
+        c.add_arguments(sp)
+        sp.set_defaults(fn=c.run)
     return p
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         args.fn(args)
     except MinibtError as e:
         print(f"minibt: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nminibt: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

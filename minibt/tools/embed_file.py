@@ -1,26 +1,39 @@
 """`minibt embed --file`: a corpus of any size, one text per line, to .npy or .jsonl, in bounded memory, resumable.
 
-Lines are read in chunks; each chunk is embedded (minibt.embed: sorted, token-budget batches) and appended to the
-output, then a small progress file next to it records how many rows are safely on disk. A killed run resumes with
---resume: the output is cut back to the last recorded row (dropping a chunk that was half-written) and reading
-skips the lines already done, so nothing is recomputed, lost or duplicated. Row i of the output is line i of the
-input: an empty line is embedded as the empty text, an over-long line is truncated to the model's max_seq_length.
+Row i of the output is line i of the input, whatever the bytes. The rule, the same for a file and for stdin:
+  * the input is read as bytes and lines end at b"\\n" only; one "\\r" before it (a CRLF file) is dropped, any other
+    "\\r" (or form feed, U+2028, ...) stays inside its line's text;
+  * each line is decoded as UTF-8; invalid bytes become U+FFFD (the count and the first such line are reported);
+    a UTF-8 byte-order mark at the very start is dropped;
+  * an empty line is embedded as the empty text; a last line without "\\n" is a line; over-long lines are
+    truncated to the model's max_seq_length.
+
+Lines are read in chunks; each chunk is embedded and appended to the output, then a small progress record next to
+it (out + ".progress", replaced atomically) says how many rows and bytes are safely on disk, with fingerprints of
+the model (config, pooling, and each weight tensor's name, dtype and first bytes), of the input consumed so far
+(SHA-256 of its bytes) and of the output written so far (SHA-256). `--resume` checks all three before appending,
+so a resume with another model, an edited input or a damaged output is refused with a clear error instead of
+mixing rows; the output is cut back to the last recorded byte, dropping a half-written chunk. A full disk (ENOSPC)
+or any other write error stops the run with a clear error; the record still describes what is safely on disk, so
+`--resume` continues.
 """
 from __future__ import annotations
 
-import itertools
+import errno
+import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from ..embed import embed
-from ..errors import InputError
+from ..embed import Recipe, embed
+from ..errors import InputError, MinibtError
+from .progress import Progress
 
 _NPY_HEADER = 128      # bytes reserved for the .npy header, rewritten with the final row count at the end
+_PIECE = 256           # lines per embed() call inside a chunk: the progress bar moves at least this often
 
 
 def _npy_header(rows: int, dim: int) -> bytes:
@@ -29,57 +42,163 @@ def _npy_header(rows: int, dim: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
 
 
+def model_fingerprint(model) -> str:
+    """What decides the vectors: config, dtype, pooling recipe, and every weight tensor's name, shape and first
+    64 KiB of bytes, so another checkpoint of the same width (or a fine-tuned copy) is told apart without hashing
+    gigabytes (about 10 ms for bert-base)."""
+    import torch
+    h = hashlib.sha256(repr(model.config).encode())
+    h.update(repr(Recipe.read(getattr(model, "source", None))).encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().reshape(-1)[: 2**16 // t.element_size()].contiguous().cpu()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class Lines:
+    """The input's lines by the module's rule, with the SHA-256 and byte count of everything consumed so far."""
+
+    def __init__(self, stream):
+        self.stream, self.sha, self.bytes, self.line_no = stream, hashlib.sha256(), 0, 0
+        self.invalid, self.first_invalid = 0, None
+
+    def take(self, n: int) -> list[str]:
+        texts = []
+        while len(texts) < n:
+            raw = self.stream.readline()
+            if not raw:
+                break
+            self.sha.update(raw)
+            self.bytes += len(raw)
+            self.line_no += 1
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            line = line[:-1] if line.endswith(b"\r") else line
+            if self.line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            try:
+                texts.append(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                self.invalid += 1
+                self.first_invalid = self.first_invalid or self.line_no
+                texts.append(line.decode("utf-8", errors="replace"))
+        return texts
+
+
+def count_lines(path: Path) -> int:
+    """Lines by the rule above (b"\\n"-terminated, plus a last unterminated one), read in 1 MiB blocks."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
 class Writer:
     """Appends rows to out (.npy or .jsonl) and commits progress to out + '.progress' after each chunk."""
 
-    def __init__(self, out: Path, dim: int, source: str, resume: bool):
-        self.out, self.dim, self.kind = out, dim, out.suffix
+    def __init__(self, out: Path, dim: int, source: str, resume: bool, model: str = ""):
+        self.out, self.dim, self.kind, self.source, self.model = out, dim, out.suffix, source, model
         if self.kind not in (".npy", ".jsonl"):
             raise InputError(f"{out}: output must end in .npy or .jsonl")
         self.progress_path = out.with_name(out.name + ".progress")
-        self.rows = 0
+        self.start = _NPY_HEADER if self.kind == ".npy" else 0      # the hash skips the header (rewritten at the end)
+        self.rows, self.state = 0, None
         if resume and self.progress_path.is_file():
-            state = json.loads(self.progress_path.read_text())
-            if state["source"] != source or state["dim"] != dim:
-                raise InputError(f"{self.progress_path}: was started for {state['source']} (dim {state['dim']}), "
-                                 f"not {source} (dim {dim}); remove it or pick another --out")
-            self.rows = state["rows"]
-            self.file = open(out, "r+b")
-            self.file.truncate(state["bytes"])            # drop anything written after the last commit
-            self.file.seek(state["bytes"])
+            self._reopen()
         elif out.exists() and not resume:
             raise InputError(f"{out} exists: pass --resume to continue an interrupted run, or remove it")
         elif resume and out.exists():
             raise InputError(f"{out} exists but {self.progress_path} does not: it is complete (or not ours)")
         else:
-            self.file = open(out, "wb")
-            if self.kind == ".npy":
-                self.file.write(_npy_header(0, dim))
-            self._commit(source)
-        self.source = source
+            try:
+                self.file = open(out, "wb")
+            except OSError as e:
+                raise InputError(f"cannot write {out}: {e.strerror or e}") from None
+            self.sha = hashlib.sha256()
+            self._write(_npy_header(0, dim) if self.kind == ".npy" else b"", hashed=False)
+            self.commit(0, hashlib.sha256().hexdigest())       # nothing consumed yet
 
-    def write(self, first_row: int, vecs: np.ndarray) -> None:
+    def _reopen(self):
+        try:
+            state = json.loads(self.progress_path.read_text())
+            rows, size, dim = int(state["rows"]), int(state["bytes"]), int(state["dim"])
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{self.progress_path}: not a progress record minibt wrote; remove it and {self.out}") \
+                from None
+        fix = f"remove {self.out} and {self.progress_path} to start again, or pick another --out"
+        if state.get("source") != self.source:
+            raise InputError(f"{self.progress_path}: was started for {state.get('source')}, not {self.source}; {fix}")
+        if dim != self.dim or state.get("model") != self.model:
+            raise InputError(f"{self.progress_path}: was started with another model (weights fingerprint "
+                             f"{state.get('model')}, dim {dim}; this one is {self.model}, dim {self.dim}); "
+                             f"resume with the same --model and --dtype, or {fix}")
+        if not self.out.is_file() or self.out.stat().st_size < size:
+            have = self.out.stat().st_size if self.out.is_file() else 0
+            raise InputError(f"{self.out}: {have} bytes, shorter than the {size} bytes its progress record says are "
+                             f"done (truncated or replaced); {fix}")
+        self.file = open(self.out, "r+b")
+        self.sha = hashlib.sha256()
+        self.file.seek(self.start)
+        left = size - self.start
+        while left > 0:
+            block = self.file.read(min(left, 1 << 20))
+            self.sha.update(block)
+            left -= len(block)
+        if self.sha.hexdigest() != state.get("output_sha256"):
+            raise InputError(f"{self.out}: its first {size} bytes are not what this run wrote (changed since); {fix}")
+        self.file.truncate(size)                          # drop anything written after the last commit
+        self.file.seek(size)
+        self.rows, self.state = rows, state
+
+    def _write(self, data: bytes, hashed=True):
+        try:
+            self._raw_write(data)
+        except OSError as e:
+            self._failed(e)
+        if hashed:
+            self.sha.update(data)
+
+    def _raw_write(self, data: bytes):
+        self.file.write(data)
+
+    def _failed(self, e: OSError):
+        why = "the disk is full (ENOSPC)" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
+        raise MinibtError(f"cannot write {self.out}: {why}. The first {self.rows} rows are safely on disk; "
+                          "free space and rerun the same command with --resume to continue") from None
+
+    def append(self, first_row: int, vecs: np.ndarray) -> None:
         if self.kind == ".npy":
-            self.file.write(np.ascontiguousarray(vecs, dtype="<f4").tobytes())
+            data = np.ascontiguousarray(vecs, dtype="<f4").tobytes()
         else:
-            self.file.write("".join(json.dumps({"row": first_row + i, "vector": [round(float(x), 7) for x in v]}) + "\n"
-                                    for i, v in enumerate(vecs)).encode())
-        self.rows += len(vecs)
-        self._commit(self.source)
+            data = "".join(json.dumps({"row": first_row + i, "vector": [round(float(x), 7) for x in v]}) + "\n"
+                           for i, v in enumerate(vecs)).encode()
+        self._write(data)
 
-    def _commit(self, source):
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        tmp = self.progress_path.with_name(self.progress_path.name + ".tmp")
-        tmp.write_text(json.dumps({"source": source, "dim": self.dim, "rows": self.rows, "bytes": self.file.tell()}))
-        os.replace(tmp, self.progress_path)              # atomic: the progress file is always whole
+    def commit(self, rows: int, input_sha: str, input_bytes: int = 0) -> None:
+        """Make the rows appended so far durable, then record them (the record never runs ahead of the data)."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            tmp = self.progress_path.with_name(self.progress_path.name + ".tmp")
+            tmp.write_text(json.dumps({"source": self.source, "model": self.model, "dim": self.dim, "rows": rows,
+                                       "bytes": self.file.tell(), "output_sha256": self.sha.hexdigest(),
+                                       "input_bytes": input_bytes, "input_sha256": input_sha}))
+            os.replace(tmp, self.progress_path)           # atomic: the progress file is always whole
+        except OSError as e:
+            self._failed(e)
+        self.rows = rows
 
     def finish(self) -> None:
-        if self.kind == ".npy":
-            self.file.seek(0)
-            self.file.write(_npy_header(self.rows, self.dim))
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            if self.kind == ".npy":
+                self.file.seek(0)
+                self.file.write(_npy_header(self.rows, self.dim))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            self._failed(e)
         self.file.close()
         self.progress_path.unlink()
 
@@ -87,30 +206,43 @@ class Writer:
 def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, batch_tokens=4096,
                progress=True) -> int:
     """Embed every line of `source` (a path, or '-' for stdin) into `out`; returns the number of rows."""
-    stream = sys.stdin if source == "-" else open(source, encoding="utf-8")
-    writer = Writer(Path(out), model.config.hidden_size, "<stdin>" if source == "-" else str(Path(source).resolve()),
-                    resume)
-    lines = (line.rstrip("\n").rstrip("\r") for line in stream)
-    done = writer.rows
-    for _ in itertools.islice(lines, done):               # already on disk: skip without recomputing
-        pass
-    start, fresh = time.perf_counter(), 0
+    if chunk < 1:
+        raise InputError(f"chunk={chunk}: must be at least 1 line")
+    if source == "-":
+        stream, name, total = sys.stdin.buffer, "<stdin>", None
+    else:
+        path = Path(source)
+        try:
+            stream, name, total = open(path, "rb"), str(path.resolve()), count_lines(path)
+        except OSError as e:
+            raise InputError(f"cannot read {source}: {e.strerror or e}") from None
     try:
-        while True:
-            texts = list(itertools.islice(lines, chunk))
-            if not texts:
-                break
-            vecs = embed(model, tok, texts, batch_tokens=batch_tokens).numpy()
-            writer.write(done, vecs)
+        writer = Writer(Path(out), model.config.hidden_size, name, resume, model_fingerprint(model))
+        lines = Lines(stream)
+        done = writer.rows
+        if writer.state is not None:                      # already on disk: check the input, skip, never recompute
+            skipped = lines.take(done)
+            if len(skipped) < done or lines.sha.hexdigest() != writer.state.get("input_sha256"):
+                raise InputError(f"{name}: its first {done} lines are not the ones embedded into {out} (the input "
+                                 f"changed since); remove {out} and {writer.progress_path} to start again")
+        bar = Progress(total, "lines", start=done, enabled=progress)
+        while texts := lines.take(chunk):
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))     # similar lengths share a piece
+            vecs = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
+            for i in range(0, len(order), _PIECE):
+                idx = order[i:i + _PIECE]
+                vecs[idx] = embed(model, tok, [texts[j] for j in idx], batch_tokens=batch_tokens,
+                                 keep_memory=True).numpy()
+                bar.update(len(idx))
+            writer.append(done, vecs)
             done += len(texts)
-            fresh += len(texts)
-            if progress:
-                rate = fresh / (time.perf_counter() - start)
-                print(f"\r{done} texts  {rate:7.1f} texts/s", end="", file=sys.stderr, flush=True)
+            writer.commit(done, lines.sha.hexdigest(), lines.bytes)
         writer.finish()
+        bar.close()
     finally:
         if source != "-":
             stream.close()
-    if progress:
-        print(file=sys.stderr)
+    if lines.invalid:
+        print(f"minibt: {lines.invalid} line(s) had invalid UTF-8 (first: line {lines.first_invalid}); their bad "
+              "bytes were embedded as U+FFFD", file=sys.stderr)
     return done

@@ -16,7 +16,7 @@ Ray Data restarts a dead actor and retries its batch (its defaults for actor poo
 max_task_retries=-1; Ray 2.60 deprecates passing them, so an input that kills its process every time is retried
 without end: watch the log for repeated actor deaths). Everything that can be checked cheaply is
 checked on the driver before any actor starts: the model loads, the column exists and holds strings, the files
-exist and are UTF-8.
+exist. Lines follow `embed --file`'s rule: row i is line i whatever the bytes (invalid UTF-8 as U+FFFD, reported).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, MinibtError
+from .progress import Progress
 
 try:
     import pyarrow as pa
@@ -122,12 +123,12 @@ def shard_name(k: int) -> str:
 
 
 def _lines(data: bytes) -> list[str]:
-    """The lines of `data` as `embed --file` reads them: split on \\n only, trailing \\r dropped."""
-    text = data.decode("utf-8")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
+    """The lines of `data` as `embed --file` reads them: split at b"\\n" only, one "\\r" before it dropped (CRLF),
+    invalid UTF-8 bytes as U+FFFD."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
         lines.pop()                            # the newline ending the last line does not start another
-    return [line.rstrip("\r") for line in lines]
+    return [line.removesuffix(b"\r").decode("utf-8", errors="replace") for line in lines]
 
 
 # ---------------------------------------------------------------------------------------------- checks on the driver
@@ -188,10 +189,11 @@ def embed_dataset(ds: ray.data.Dataset, model: str, column: str = "text", *, act
         compute=ray.data.ActorPoolStrategy(size=actors or default_actors(num_cpus)))
 
 
-def plan_shards(sources: list[Path], shard_rows: int) -> list[dict]:
-    """Cut the files into shards of `shard_rows` lines (each file's last shard shorter) by byte offset, checking that
-    every line is UTF-8. ids count lines across the files in order, from 0. One pass over the bytes, on the driver."""
-    shards, next_id = [], 0
+def plan_shards(sources: list[Path], shard_rows: int) -> tuple[list[dict], int, str | None]:
+    """Cut the files into shards of `shard_rows` lines (each file's last shard shorter) by byte offset. ids count
+    lines across the files in order, from 0. One pass over the bytes, on the driver; it also counts the lines that
+    are not valid UTF-8 (embedded with U+FFFD, as `embed --file` does) and names the first."""
+    shards, next_id, invalid, first_invalid = [], 0, 0, None
     for path in sources:
         start = offset = rows = 0
         with open(path, "rb") as f:
@@ -199,7 +201,8 @@ def plan_shards(sources: list[Path], shard_rows: int) -> list[dict]:
                 try:
                     line.decode("utf-8")
                 except UnicodeDecodeError:
-                    raise InputError(f"{path}: line {n} is not UTF-8 text") from None
+                    invalid += 1
+                    first_invalid = first_invalid or f"{path} line {n}"
                 offset, rows = offset + len(line), rows + 1
                 if rows == shard_rows:
                     shards.append(_shard(len(shards), path, start, offset, next_id, rows))
@@ -207,7 +210,7 @@ def plan_shards(sources: list[Path], shard_rows: int) -> list[dict]:
         if rows:
             shards.append(_shard(len(shards), path, start, offset, next_id, rows))
             next_id += rows
-    return shards
+    return shards, invalid, first_invalid
 
 
 def _shard(k, path, start, end, first_id, rows) -> dict:
@@ -242,7 +245,7 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
             raise InputError(f"{s}: no such file")
     out = Path(out)
     dim = check_model(model, attn, dtype)
-    shards = plan_shards(sources, shard_rows)
+    shards, invalid, first_invalid = plan_shards(sources, shard_rows)
     manifest = {"sources": [[str(s), s.stat().st_size] for s in sources], "shard_rows": shard_rows,
                 "model": str(model), "dim": dim, "text": keep_text, "rows": sum(s["rows"] for s in shards),
                 "shards": len(shards)}
@@ -250,7 +253,10 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
     done = {k for k in range(len(shards)) if _complete(out / shard_name(k), shards[k]["rows"])}
     todo = [s for s in shards if s["shard"] not in done]
     summary = {"rows": manifest["rows"], "embedded": 0, "shards_written": 0, "shards_skipped": len(done),
-               "nodes": {}, "seconds": 0.0, "in_actor_seconds": 0.0}
+               "nodes": {}, "seconds": 0.0, "in_actor_seconds": 0.0, "invalid_utf8": invalid}
+    if invalid:
+        print(f"minibt: {invalid} line(s) had invalid UTF-8 (first: {first_invalid}); their bad bytes are embedded "
+              "as U+FFFD", file=sys.stderr)
     start = time.perf_counter()
     if todo:
         connect(address)
@@ -263,17 +269,14 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
             # one shard in flight per actor: a shard is seconds of work, so queueing a second one behind it only
             # lets one actor hoard the tail while another idles
             compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1))
+        bar = Progress(manifest["rows"], "lines", start=sum(shards[k]["rows"] for k in done), enabled=progress)
         for row in ds.iter_rows():                       # one row per finished shard, as they finish
             summary["embedded"] += row["rows"]
             summary["shards_written"] += 1
             summary["in_actor_seconds"] += row["seconds"]            # reading, embedding, writing the shard
             summary["nodes"][row["node"]] = summary["nodes"].get(row["node"], 0) + row["rows"]
-            if progress:
-                rate = summary["embedded"] / (time.perf_counter() - start)
-                print(f"\r{summary['embedded'] + sum(shards[k]['rows'] for k in done)} texts  {rate:7.1f} texts/s",
-                      end="", file=sys.stderr, flush=True)
-        if progress:
-            print(file=sys.stderr)
+            bar.update(row["rows"], f"{summary['shards_written']}/{len(todo)} shards")
+        bar.close()
     for tmp in out.glob(".part-*.tmp"):                  # left by actors that died between write and rename
         tmp.unlink()
     missing = [k for k in range(len(shards)) if not _complete(out / shard_name(k), shards[k]["rows"])]

@@ -11,19 +11,22 @@ from ..errors import InputError, MinibtError
 def add_arguments(parser) -> None:
     """The flags `minibt embed` gains for Ray (it already has --file, --out, --resume, --batch-tokens, --model,
     --attn, --dtype)."""
+    from .cli import _number, positive          # here, not at the top: cli.py may import this module at its top
     parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                         help="embed --file/--dir on a Ray cluster into --out folder/ as Parquet shards "
                              "(no ADDRESS: start a local Ray)")
     parser.add_argument("--dir", help="with --ray: every *.txt file under this folder, one text per line")
-    parser.add_argument("--actors", type=int, default=None, help="with --ray: actors (default: one per CPU)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1, help="with --ray: CPUs (threads) per actor")
-    parser.add_argument("--shard-rows", type=int, default=4096, help="with --ray: lines per Parquet shard")
+    parser.add_argument("--actors", type=positive, default=None, help="with --ray: actors (default: one per CPU)")
+    parser.add_argument("--cpus-per-actor", type=_number(float, 0, low_open=True), default=1,
+                        help="with --ray: CPUs (torch threads) per actor (default %(default)s)")
+    parser.add_argument("--shard-rows", type=positive, default=4096,
+                        help="with --ray: lines per Parquet shard (default %(default)s)")
     parser.add_argument("--with-text", action="store_true", help="with --ray: keep a `text` column in the shards")
 
 
 def run(args) -> dict:
     """`minibt embed --ray [ADDRESS] --file corpus.txt | --dir folder --out out_dir/`."""
-    from .cli import _model_arg
+    from .cli import dtype_of, model_name
     from .ray import embed_corpus, require_ray
     require_ray()
     if bool(args.file) == bool(args.dir):
@@ -32,6 +35,8 @@ def run(args) -> dict:
         raise MinibtError("--ray reads its input by byte ranges on the cluster: give a file, not stdin")
     if not args.out:
         raise MinibtError("--ray needs --out out_dir/ (a folder for the Parquet shards)")
+    if args.texts or args.vectors:
+        raise MinibtError("--ray embeds --file/--dir into --out: give texts or --ray, not both")
     if args.dir:
         if not Path(args.dir).is_dir():
             raise InputError(f"{args.dir}: no such folder")
@@ -43,9 +48,9 @@ def run(args) -> dict:
     import ray.data
     logging.getLogger("ray.data").setLevel(logging.WARNING)     # the command prints its own progress
     ray.data.DataContext.get_current().enable_progress_bars = False
-    summary = embed_corpus(sources, args.out, _model_arg(args.model), address=args.ray or None,
+    summary = embed_corpus(sources, args.out, model_name(args), address=args.ray or None,
                            actors=args.actors, num_cpus=args.cpus_per_actor, shard_rows=args.shard_rows,
-                           keep_text=args.with_text, resume=args.resume, attn=args.attn, dtype=args.dtype,
+                           keep_text=args.with_text, resume=args.resume, attn=args.attn, dtype=dtype_of(args),
                            batch_tokens=args.batch_tokens)
     print(f"{summary['rows']} vectors -> {args.out} ({summary['shards_written']} shards written, "
           f"{summary['shards_skipped']} already done; rows by node: "

@@ -1,0 +1,98 @@
+"""Every kernel transform against the plain form it replaces (minibt/kernels/__init__.py lists them)."""
+import pytest
+import torch
+
+import minibt
+from minibt import kernels
+from minibt.kernels import decode_linear, rmsnorm
+from conftest import left_padded, ragged_batch
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama3-mqa-tied-bias-headdim", "opt-post-ln-projected"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimize_equals_the_plain_model(tiny_decoder, name, dtype):
+    """from_hub's default transforms (decode linears, column-major fp32, RMSNorm as LayerNorm) against the plain
+    reference model (optimize=False): prefill logits, and greedy generation token for token."""
+    folder, _ = tiny_decoder(name)
+    plain = minibt.from_hub(folder, dtype=dtype, optimize=False)
+    fast = minibt.from_hub(folder, dtype=dtype)
+    assert not any(type(m) is decode_linear.DecodeLinear for m in plain.modules())
+    assert any(type(m) is decode_linear.DecodeLinear for m in fast.modules())
+    if name.startswith("llama"):
+        assert any(isinstance(m, rmsnorm.LayerNormRMS) for m in fast.modules())
+    if dtype == torch.float32:            # fp32 weights kept column-major (same values, other strides)
+        w = fast.layers[0].attention.qkv.weight
+        assert w.stride() == (1, w.shape[0])
+        assert fast.tied() == {} or fast.lm_head.weight is fast.embed.weight     # still tied after the re-layout
+    ids, mask = left_padded(99, 0)
+    with torch.no_grad():
+        want, got = plain(ids, attention_mask=mask).logits, fast(ids, attention_mask=mask).logits
+    real = mask.bool()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (got[real].float() - want[real].float()).abs().max() <= tol * max(1.0, want[real].abs().max().item())
+    if dtype == torch.float32:
+        assert torch.equal(plain.generate(ids, attention_mask=mask, max_new_tokens=6),
+                           fast.generate(ids, attention_mask=mask, max_new_tokens=6))
+
+
+def test_optimize_leaves_encoders_plain(tiny):
+    model = minibt.from_hub(tiny("BertModel")[0])
+    assert not any(type(m) is decode_linear.DecodeLinear for m in model.modules())
+    assert set(kernels.DEFAULT) == {"decode_linear", "rmsnorm"}
+
+
+def test_fused_transform_swaps_and_restores_the_stack(tiny):
+    from minibt.kernels.fused_encoder import FusedEncoder
+    from minibt.models.bert import Encoder
+    folder, _ = tiny("BertModel")
+    model = minibt.from_hub(folder, attn="fused")
+    layers = list(model.layers)
+    assert isinstance(model.layers, FusedEncoder) and not model.layers.training
+    ids, mask = ragged_batch(99, 0)
+    with torch.no_grad():
+        fused = model(ids, attention_mask=mask).last_hidden_state
+        model.set_attention("naive")
+        assert type(model.layers) is Encoder and list(model.layers) == layers     # same modules back
+        plain = model(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+    assert set(dict(model.named_parameters())) == set(dict(minibt.from_hub(folder).named_parameters()))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_paths_agree_with_linear(rows, bias):
+    """bf16 one-token (mv) and few-token (W @ x^T) paths compute the same product as nn.Linear."""
+    from minibt.kernels.decode_linear import DecodeLinear
+    torch.manual_seed(0)
+    lin = DecodeLinear(64, 96, bias=bias).to(torch.bfloat16)
+    x = torch.randn(rows, 1, 64).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+    got = lin(x)
+    assert got.shape == (rows, 1, 96) and got.dtype == torch.bfloat16
+    assert got.is_contiguous()      # row-major, as linear's: a column-major q sends SDPA to its slow math path
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 100, 576])
+def test_rmsnorm_matches_the_textbook_formula(dtype, dim):
+    """The rmsnorm transform (one LayerNorm over [x, -x]) and the model file's RMSNorm against HF's written-out steps: fp32 statistics, the normalised
+    value rounded to the model's dtype, then times the weight. bf16: bit-identical; fp32: within 1e-6."""
+    from minibt.kernels.rmsnorm import LayerNormRMS
+    from minibt.models.llama import RMSNorm
+    torch.manual_seed(0)
+    plain = RMSNorm(dim, eps=1e-6)
+    with torch.no_grad():
+        plain.weight.copy_(torch.rand(dim) + 0.5)
+    plain = plain.to(dtype)
+    norm = LayerNormRMS(plain)
+    x = (torch.randn(3, 7, dim) * torch.rand(3, 7, 1) * 10).to(dtype)
+    h = x.float()
+    want = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    assert torch.equal(plain(x), want)                   # the model file's RMSNorm is the textbook formula
+    got = norm(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        assert (got - want).abs().max() < 1e-6 * max(1.0, want.abs().max().item())
