@@ -34,7 +34,8 @@ class Tokenizer:
         token = self.config.get(name)
         return None if token is None else self._id(token)
 
-    def encode(self, texts, *, truncation=False, max_length=None, add_special_tokens=True):
+    def encode(self, texts, *, truncation=False, max_length=None, add_special_tokens=True, direction="right"):
+        """texts: strings, or (text, text) pairs (cross-encoders); direction="left" keeps a text's end."""
         if isinstance(texts, str):
             texts = [texts]
         if truncation:
@@ -42,7 +43,7 @@ class Tokenizer:
             if limit is None:
                 raise InputError(f"{self.folder}: truncation=True needs max_length (tokenizer_config.json has no "
                                  "model_max_length)")
-            self.tok.enable_truncation(limit)
+            self.tok.enable_truncation(limit, direction=direction)
         try:
             return self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         finally:
