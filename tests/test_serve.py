@@ -125,6 +125,8 @@ def test_tei_routes(minilm_server, mini):
     torch.testing.assert_close(torch.tensor(r.json()), minibt.embed(model, tok, [long, "short"]), atol=1e-5, rtol=0)
     tail = c.post("/embed", json={"inputs": "alpha " + long, "truncate": True, "truncation_direction": "Left"}).json()
     torch.testing.assert_close(torch.tensor(tail), minibt.embed(model, tok, [long]), atol=1e-5, rtol=0)
+    cut = c.post("/embed", json={"inputs": "first text", "normalize": False, "dimensions": 8}).json()
+    torch.testing.assert_close(torch.tensor(cut), torch.tensor(one)[:, :8], atol=1e-6, rtol=0)   # no re-normalising
     toks = c.post("/tokenize", json={"inputs": "hello world"}).json()
     assert [t["text"] for t in toks[0]] == ["[CLS]", "hello", "world", "[SEP]"] and toks[0][1]["start"] == 0
     info = c.get("/info").json()
@@ -249,24 +251,26 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvw
           "river bank money water is of what where who how why".split()]
 
 
-@pytest.fixture(scope="module")
-def cross_encoder(tiny, tmp_path_factory):
-    """A tiny random BertForSequenceClassification (one score) with a WordPiece vocabulary of its size."""
+def cross_encoder_folder(tiny, folder, num_labels):
+    """A tiny random BertForSequenceClassification with a WordPiece vocabulary of its size, + transformers' tokenizer."""
     import copy
 
     import transformers
-    _, ref = tiny("BertForSequenceClassification", num_labels=1)
+    _, ref = tiny("BertForSequenceClassification", num_labels=num_labels)
     ref = copy.deepcopy(ref)
     with torch.no_grad():                   # spread the random scores so that their order means something
         ref.classifier.weight.mul_(100.0)
-    folder = tmp_path_factory.mktemp("cross-encoder")
     ref.save_pretrained(folder, safe_serialization=True)
     vocab = (VOCAB + [f"[unused{i}]" for i in range(99)])[:ref.config.vocab_size]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 64,
                                                               "tokenizer_class": "BertTokenizer"}))
-    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
-    return folder, ref, hf_tok
+    return folder, ref, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def cross_encoder(tiny, tmp_path_factory):
+    return cross_encoder_folder(tiny, tmp_path_factory.mktemp("cross-encoder"), 1)
 
 
 def hf_logits(ref, hf_tok, query, docs):
@@ -374,3 +378,29 @@ def test_import_minibt_does_not_import_the_server_stack():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_predict_two_labels_softmax_in_process(tiny, tmp_path):
+    folder, ref, hf_tok = cross_encoder_folder(tiny, tmp_path, 2)
+    model, tok = minibt.from_hub(folder), minibt.load_tokenizer(folder)
+    svc = serve.Service(model, tok, max_batch_tokens=64, max_client_batch_size=4, max_concurrent_requests=8,
+                        api_key=None, auto_truncate=False, model_id=None, payload_limit=serve.PAYLOAD_LIMIT)
+    texts = ["the fox runs", "paris is a city", "what is money"]
+    with torch.inference_mode():
+        want = ref(**hf_tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+
+    async def go():
+        svc.worker.start()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.asgi()), base_url="http://t") as c:
+            out = [await c.post("/predict", json={"inputs": x}) for x in (texts, texts[0], texts * 2)]
+            out.append(await c.post("/rerank", json={"query": "q", "texts": ["a"]}))
+        svc.worker.stop()
+        return out
+    many, one, too_many, rerank = asyncio.run(go())
+    for row, w in zip(many.json(), want):
+        assert [p["score"] for p in row] == sorted((p["score"] for p in row), reverse=True)
+        torch.testing.assert_close(torch.tensor([p["score"] for p in sorted(row, key=lambda p: p["label"])]), w,
+                                   atol=1e-5, rtol=0)
+    assert {p["label"] for p in one.json()} == {"LABEL_0", "LABEL_1"}
+    assert too_many.status_code == 413 and "--max-client-batch-size" in too_many.json()["error"]
+    assert rerank.status_code == 400 and "2 labels" in rerank.json()["error"]

@@ -322,14 +322,15 @@ class Service:
         timing["x-tokenization-time"] = time.perf_counter() - t0
         return encs
 
-    def _dimensions(self, body, vecs):
+    def _dimensions(self, body, vecs, normalized: bool):
+        """Matryoshka: the first `dimensions` values, unit length again if the vectors were."""
         dims = body.get("dimensions")
         if dims is None:
             return vecs
         if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= self.width:
             raise ApiError(422, f"`dimensions` must be an integer from 1 to {self.width} (this model's width), "
                                 f"not {json.dumps(dims)}")
-        return F.normalize(vecs[:, :dims], dim=-1) if dims < self.width else vecs
+        return F.normalize(vecs[:, :dims], dim=-1) if normalized else vecs[:, :dims]
 
     def _scores(self, logits, raw: bool):
         if raw:
@@ -347,7 +348,7 @@ class Service:
         normalize = self._flag(body, "normalize", self.recipe.normalize)
         vecs = await self._run(self._encode(body, texts, "inputs", timing), timing)
         vecs = F.normalize(vecs, dim=-1) if normalize else vecs
-        return self._dimensions(body, vecs).tolist()
+        return self._dimensions(body, vecs, normalize).tolist()
 
     async def openai_embeddings(self, body, timing):
         """OpenAI: {input, model, encoding_format, dimensions} -> {object: list, data, model, usage}"""
@@ -361,7 +362,8 @@ class Service:
             raise ApiError(422, f"`encoding_format` must be \"float\" or \"base64\", not {json.dumps(fmt)}")
         encs = self._encode(body, texts, "input", timing)
         vecs = await self._run(encs, timing)
-        vecs = self._dimensions(body, F.normalize(vecs, dim=-1) if self.recipe.normalize else vecs)
+        vecs = F.normalize(vecs, dim=-1) if self.recipe.normalize else vecs
+        vecs = self._dimensions(body, vecs, self.recipe.normalize)
         if fmt == "base64":
             data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vecs]
         else:
@@ -381,7 +383,7 @@ class Service:
         infinity = "documents" in body
         query = body.get("query")
         if not isinstance(query, str) or not query:
-            raise ApiError(422, "`query` must be a non-empty string", "Validation" if query is None else "Empty")
+            raise ApiError(422, "`query` must be a non-empty string", "Empty" if query == "" else "Validation")
         docs, _ = self._texts(body, "documents" if infinity else "texts")
         top_n = body.get("top_n")
         if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
