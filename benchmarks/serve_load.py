@@ -144,6 +144,7 @@ async def main_async(args):
         for _, _, proc in servers.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=30)
+    notes += goals(rows)
     body = table(["clients", "server", "requests", "texts", "texts/s", "vs (b)", "p50 ms", "p99 ms"], rows)
     body += ("\n\nRequests of 1-8 texts (real corpus: embed_corpus.py's stdlib docstring paragraphs), OpenAI shape, "
              f"over loopback; {args.rounds} interleaved rounds per level, at most {args.cap:.0f} s per server and "
@@ -195,6 +196,27 @@ async def measure(args, servers, corpus, notes, client):
                 cos = float(np.dot(ref, results[n][i]) / np.linalg.norm(ref) / np.linalg.norm(results[n][i]))
                 notes.append(f"cosine of {n}'s vector to {names[0]}'s on a shared request: {cos:.6f}")
     return rows, notes
+
+
+def goals(rows) -> list[str]:
+    """The issue's goals, read off the table: met or missed, with the numbers."""
+    cell = {(r[0], r[1]): r for r in rows}
+    st, out = "sentence-transformers per request", []
+    for name in ("minibt serve", "minibt serve --dtype bfloat16"):
+        a, b, c = cell.get((32, name)), cell.get((32, st)), cell.get((32, "infinity-emb"))
+        if a and b:
+            ratio, p99 = float(a[4]) / float(b[4]), (int(a[7]), int(b[7]))
+            out.append(f"{name}, 32 clients: {ratio:.2f}x (b)'s texts/s (goal >= 2.5x: {'met' if ratio >= 2.5 else 'MISSED'})"
+                       f"; p99 {p99[0]} vs {p99[1]} ms (goal lower: {'met' if p99[0] < p99[1] else 'MISSED'})")
+        if a and c:
+            ahead = float(a[4]) > float(c[4])
+            out.append(f"{name}, 32 clients: {float(a[4]) / float(c[4]):.2f}x infinity-emb's texts/s "
+                       f"(goal ahead: {'met' if ahead else 'MISSED'})")
+        a, b = cell.get((1, name)), cell.get((1, st))
+        if a and b:
+            out.append(f"{name}, 1 client: p50 {a[6]} vs {b[6]} ms (goal no worse than (b): "
+                       f"{'met' if int(a[6]) <= int(b[6]) else 'MISSED'})")
+    return out
 
 
 def main():
