@@ -13,18 +13,23 @@ from .errors import ConfigError, InputError
 from .hub import inside, resolve
 
 
-def text_list(texts) -> list[str]:
-    """A list of texts, checked: a single string is one text (never one text per character)."""
+def text_list(texts, pairs: bool = False) -> list:
+    """A list of texts, checked: a single string is one text (never one text per character); with pairs=True an item
+    may also be a (text, text) pair."""
     if isinstance(texts, str):
         return [texts]
     try:
         texts = list(texts)
     except TypeError:
         raise InputError(f"texts must be a string or a list of strings, got {type(texts).__name__}") from None
-    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    def ok(t):
+        return isinstance(t, str) or (pairs and isinstance(t, (tuple, list)) and len(t) == 2
+                                      and all(isinstance(x, str) for x in t))
+    bad = next((i for i, t in enumerate(texts) if not ok(t)), None)
     if bad is not None:
-        raise InputError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a string")
-    return texts
+        raise InputError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a string"
+                         + (" or a (text, text) pair" if pairs else ""))
+    return [tuple(t) if isinstance(t, list) else t for t in texts]
 
 
 class Tokenizer:
@@ -38,7 +43,7 @@ class Tokenizer:
         self.tok, self.config, self.folder, self.type_ids = tok, config, folder, type_ids
         # Thread safety: the Rust tokenizer's truncation is state on the object, so it is never toggled on the
         # shared one. Each max_length gets its own truncating copy, made once and never changed afterwards.
-        self._truncating: dict[int, _Tokenizer] = {}
+        self._truncating: dict[tuple, _Tokenizer] = {}
         self._lock = threading.Lock()
         self.pad_token_id = self._id(config.get("pad_token")) if config.get("pad_token") else None
         limit = config.get("model_max_length")
@@ -53,9 +58,10 @@ class Tokenizer:
         token = self.config.get(name)
         return None if token is None else self._id(token)
 
-    def encode(self, texts, *, truncation=False, max_length=None, add_special_tokens=True):
-        """Encodings of a list of texts (a single string is one text). Safe to call from several threads."""
-        texts = text_list(texts)
+    def encode(self, texts, *, truncation=False, max_length=None, add_special_tokens=True, direction="right"):
+        """Encodings of texts: a list of strings (a single string is one text) or of (text, text) pairs
+        (cross-encoders); direction="left" truncates from the start, keeping a text's end. Thread-safe."""
+        texts = text_list(texts, pairs=True)
         tok = self.tok
         if truncation:
             limit = max_length or self.model_max_length
@@ -64,23 +70,25 @@ class Tokenizer:
                                  "model_max_length)")
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
                 raise InputError(f"max_length={limit!r} must be an integer >= 1")
-            tok = self._truncating_copy(limit)
+            if direction not in ("right", "left"):
+                raise InputError(f"direction={direction!r}: must be 'right' or 'left'")
+            tok = self._truncating_copy(limit, direction)
         try:
             return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
         except Exception as e:      # the tokenizers library raises its own bare Exception
             raise InputError(f"{self.folder}: the tokenizer could not encode the input ({e})") from None
 
-    def _truncating_copy(self, limit: int) -> _Tokenizer:
+    def _truncating_copy(self, limit: int, direction: str) -> _Tokenizer:
         with self._lock:
-            if limit not in self._truncating:
+            if (limit, direction) not in self._truncating:
                 copy = _Tokenizer.from_str(self.tok.to_str())
                 copy.no_padding()
                 try:
-                    copy.enable_truncation(limit)
+                    copy.enable_truncation(limit, direction=direction)
                 except Exception as e:
                     raise InputError(f"max_length={limit}: {e}") from None
-                self._truncating[limit] = copy
-            return self._truncating[limit]
+                self._truncating[(limit, direction)] = copy
+            return self._truncating[(limit, direction)]
 
     def __call__(self, texts, *, truncation=False, max_length=None, add_special_tokens=True, padding_side="right"):
         encs = self.encode(texts, truncation=truncation, max_length=max_length, add_special_tokens=add_special_tokens)

@@ -370,6 +370,27 @@ def bench_run(args):
         bench.plot(rows, Path(args.plot), f"{args.model}, {str(dtype).removeprefix('torch.')}")
 
 
+def serve_args(p):
+    add_model(p)
+    add_attn(p)
+    add_dtype(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=positive, default=8080, help="default %(default)s")
+    p.add_argument("--max-batch-tokens", type=positive, default=16384,
+                   help="token budget of one forward (rows x longest row), shared by all queued requests")
+    p.add_argument("--max-client-batch-size", type=positive, default=32, help="most inputs in one request (413 above)")
+    p.add_argument("--max-concurrent-requests", type=positive, default=512, help="requests in flight (429 above)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all routes but /health)")
+    p.add_argument("--auto-truncate", action="store_true",
+                   help="cut inputs longer than the model takes instead of answering 413")
+    p.add_argument("--model-id", default=None, help="name reported in /info and OpenAI answers")
+
+
+def serve_run(args):
+    from .serve import run
+    run(args)
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -389,6 +410,8 @@ COMMANDS = [
     Command("attend-map", "PNG heatmap of one head's attention probabilities", attend_map_args, attend_map_run),
     Command("bench", "encoder time vs padding for minibt's backends on the same weights (other libraries "
                      "with --with)", bench_args, bench_run),
+    Command("serve", "HTTP server for TEI, OpenAI and Infinity embedding/rerank clients (needs minibt[serve])",
+            serve_args, serve_run),
 ]
 
 
