@@ -93,11 +93,11 @@ class TwoNodes:
         self.address = f"127.0.0.1:{port}"
         common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
                   f"--dashboard-agent-listen-port={free_port()}"]
-        self.nodes = [subprocess.Popen(["ray", "start", "--head", f"--port={port}", "--include-dashboard=false",
+        self.nodes = [subprocess.Popen([sys.executable, "-m", "minibt.tools.ray", "start", "--head", f"--port={port}", "--include-dashboard=false",
                                         f"--temp-dir={self.temp / 'head'}", *common], env=self.env,
                                        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
         self.wait(1)
-        self.nodes.append(subprocess.Popen(["ray", "start", f"--address={self.address}",
+        self.nodes.append(subprocess.Popen([sys.executable, "-m", "minibt.tools.ray", "start", f"--address={self.address}",
                                             f"--temp-dir={self.temp / 'second'}", *common], env=self.env,
                                            start_new_session=True, stdout=subprocess.DEVNULL,
                                            stderr=subprocess.DEVNULL))
@@ -106,7 +106,7 @@ class TwoNodes:
 
     def wait(self, n):
         for _ in range(120):
-            r = subprocess.run(["ray", "status", "--address", self.address], env=self.env, capture_output=True,
+            r = subprocess.run([sys.executable, "-m", "minibt.tools.ray", "status", "--address", self.address], env=self.env, capture_output=True,
                                text=True)
             if r.stdout.split("Active:")[-1].split("Pending:")[0].count("node_") >= n:
                 return
@@ -248,7 +248,7 @@ def measure(args) -> dict:
     import minibt
     import ray
     from minibt.hub import bundled_model
-    from minibt.tools.ray import embed_corpus, embed_dataset, plan_shards
+    from minibt.tools.ray import embed_corpus, embed_dataset, keep_on_loopback, plan_shards
     folder = str(bundled_model())
     texts = corpus(args.n)
     n = len(texts)
@@ -286,7 +286,8 @@ def measure(args) -> dict:
         print(label, r[label], flush=True)
         shutil.rmtree(out)
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    keep_on_loopback()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     ray.data.DataContext.get_current().enable_progress_bars = False
     corpus_run(LOCAL1, 1)
     corpus_run(LOCAL2, 2)

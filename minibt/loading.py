@@ -16,7 +16,6 @@ import json
 import re
 import tomllib
 import warnings
-from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path

@@ -46,7 +46,8 @@ def real_texts(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    mray.keep_on_loopback()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
@@ -218,11 +219,11 @@ def test_two_node_cluster_both_nodes_work(minilm, reference, tmp_path):
     nodes = []
     try:
         nodes.append(subprocess.Popen(
-            ["ray", "start", "--head", f"--port={port}", f"--temp-dir={temp / 'head'}", "--include-dashboard=false",
+            [sys.executable, "-m", "minibt.tools.ray", "start", "--head", f"--port={port}", f"--temp-dir={temp / 'head'}", "--include-dashboard=false",
              *common], env=env, start_new_session=True, stdout=logs["head"], stderr=subprocess.STDOUT))
         _wait_for_nodes(address, 1, env, tmp_path / "head.log")
         nodes.append(subprocess.Popen(
-            ["ray", "start", f"--address={address}", f"--temp-dir={temp / 'second'}", *common], env=env,
+            [sys.executable, "-m", "minibt.tools.ray", "start", f"--address={address}", f"--temp-dir={temp / 'second'}", *common], env=env,
             start_new_session=True, stdout=logs["second"], stderr=subprocess.STDOUT))
         _wait_for_nodes(address, 2, env, tmp_path / "second.log")
         texts = real_texts(200)
@@ -256,7 +257,7 @@ def _wait_for_nodes(address: str, n: int, env: dict, log: Path, timeout: float =
     """`ray status` lists the active nodes (the state API would need the dashboard, which stays off)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = subprocess.run(["ray", "status", "--address", address], env=env, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "minibt.tools.ray", "status", "--address", address], env=env, capture_output=True, text=True)
         active = r.stdout.split("Active:")[-1].split("Pending:")[0] if "Active:" in r.stdout else ""
         if active.count("node_") >= n:
             return

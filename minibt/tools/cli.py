@@ -151,9 +151,14 @@ def embed_args(p):
                    help="lines per committed chunk (memory bound, resume granularity; default %(default)s)")
     p.add_argument("--batch-tokens", type=positive, default=4096,
                    help="token budget of one forward pass (default %(default)s)")
+    from .ray_command import add_arguments as ray_arguments         # --ray, --dir, ... (ray imported only to run)
+    ray_arguments(p)
 
 
 def embed_run(args):
+    if args.ray is not None:                                        # a corpus on a Ray cluster: tools/ray.py
+        from .ray_command import run
+        return run(args)
     import torch
     import minibt
     if args.file:

@@ -167,7 +167,7 @@ def check_column(ds: ray.data.Dataset, column: str, count_nulls: bool = True) ->
 def default_actors(num_cpus: float) -> int:
     """All the cluster's CPUs but one, which read tasks need (actors holding every CPU starve them)."""
     if not ray.is_initialized():
-        ray.init()                            # what Ray Data itself would do on first use
+        connect(None)                         # what Ray Data itself would do on first use, kept on loopback
     return max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // num_cpus))
 
 
@@ -219,14 +219,28 @@ def _shard(k, path, start, end, first_id, rows) -> dict:
 
 # ---------------------------------------------------------------------------------------------- corpus -> shards
 
+def keep_on_loopback() -> None:
+    """Let a Ray node or driver on this machine keep 127.0.0.1 as its address. Ray replaces a loopback address by
+    the machine's outward one (resolve_ip_for_localhost) so that other machines can reach the node; a cluster that
+    lives on this one machine needs none of that, and then no Ray connection leaves the loopback interface."""
+    import ray._private.services as services
+    services.resolve_ip_for_localhost = lambda host: host
+
+
+def is_loopback(address: str | None) -> bool:
+    return not address or address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]")
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address`, or start a local Ray ("local": never an already running one by accident).
-    Does nothing when this process is already connected (tests, notebooks)."""
+    """Join the cluster at `address`, or start a local Ray on 127.0.0.1 ("local": never an already running one by
+    accident). Does nothing when this process is already connected (tests, notebooks)."""
     if not ray.is_initialized():
+        if is_loopback(address):
+            keep_on_loopback()
         if address:
-            ray.init(address=address)
+            ray.init(address=address, **({"_node_ip_address": "127.0.0.1"} if is_loopback(address) else {}))
         else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, address: str | None = None,
@@ -311,3 +325,12 @@ def _complete(path: Path, rows: int) -> bool:
         return pq.read_metadata(path).num_rows == rows
     except (OSError, pa.ArrowInvalid):
         return False
+
+
+if __name__ == "__main__":
+    # `python -m minibt.tools.ray start ...`: Ray's own `ray` command with its nodes kept on 127.0.0.1 (a
+    # multi-node cluster on one machine, as the tests and benchmarks/ray_embed.py start it).
+    keep_on_loopback()
+    from ray.scripts.scripts import main
+    sys.argv[0] = "ray"
+    main()
