@@ -23,11 +23,16 @@ HEAD_SUFFIXES = {"ForMaskedLM": "masked-lm", "ForPreTraining": "masked-lm", "For
 
 
 def from_hub(name_or_path, attn: str = "auto", dtype=None, device="cpu", revision=None, head: str = "auto",
-             compile: bool = False):
+             compile: bool = False, quantize: str | None = None):
     """Load a hub repo id or a local folder (config.json + safetensors, single or sharded).
-    compile=True: torch.compile the dense half-layers of an encoder (model.compile_layers())."""
+    compile=True: torch.compile the dense half-layers of an encoder (model.compile_layers()).
+    quantize="int8" | "int4": quantize the linear layers right after loading (minibt.kernels.quantize); a folder
+    written by minibt.kernels.quantize.save_quantized loads as the quantized model it holds."""
     from .models import MODEL_TYPES
+    from .kernels import quantize as q
     folder = resolve(name_or_path, revision)
+    if (folder / q.QUANTIZED_FILE).is_file():
+        return q.load_quantized(folder, attn=attn, device=device, expect=quantize)
     config = read_config(folder)
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -42,6 +47,8 @@ def from_hub(name_or_path, attn: str = "auto", dtype=None, device="cpu", revisio
     with empty_model():
         model = cls.from_hf(config, head, set(present))
     load_weights(model, checkpoint, spec, dtype, device)
+    if quantize is not None:
+        q.quantize(model, quantize)
     model.source = folder
     model.generation = generation_defaults(folder, config)
     model.eval().set_attention(attn)
