@@ -11,12 +11,17 @@ Schemes (x is the input, W the float weight of shape (out, in)):
   scale and zero rounded to bf16 first, q chosen for the rounded values). Error per weight <= scale / 2 (+ the bf16
   rounding of zero). G is the largest of GROUP_SIZES dividing in_features (documented rule); none: QuantizeError.
 
-Routes, picked by measurement on this CPU (torch 2.13, 2 threads, AVX512-VNNI/AMX; see README "Quantized
-inference" and docs/benchmarks.md for the numbers). Every route computes in bf16 activations and returns x's dtype:
-- few rows (decode steps, <= GEMV_ROWS tokens): `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu`
-  with bf16 activations. Their fp32-activation variants were 3-15x slower here, and fbgemm's dynamic int8
-  (`quantized.linear_dynamic`) only matched them while quantizing activations per tensor.
-- many rows (encoder batches, prefill): ROUTE_MANY_ROWS, see below.
+Routes, picked by measurement on this CPU (torch 2.13, 2 threads, AVX512-VNNI/AMX; numbers in README "Quantized
+inference"). Every route computes with bf16 activations and returns x's dtype:
+- int8, up to GEMV_ROWS rows (decode steps): `torch._weight_int8pack_mm` with bf16 activations. Its fp32-activation
+  variant was 3-6x slower here; plain fp32 / bf16 linears read 4x / 2x the bytes.
+- int8, more rows (encoder batches, prefill): dequantize to bf16 (int8 -> bf16 is exact, times the scale) and one
+  bf16 GEMM (AMX). Measured alternatives: dynamic per-token int8 activations via `torch._int_mm` (3-4x slower than
+  this: torch._int_mm does not reach the int8 units here), via oneDNN's `onednn.qlinear_pointwise` (its int8 GEMM
+  alone was 2.7x faster than a bf16 one, but quantizing the activations per token in eager ops cost more than
+  that saved), and fbgemm's `quantized.linear_dynamic` (fast, but per-tensor activation scales: all-MiniLM-L6-v2
+  embeddings fell to a min cosine of 0.934 against fp32 on 600 real texts; this route gives 0.999).
+- int4, any number of rows: `torch._weight_int4pack_mm_for_cpu` with bf16 activations (fp32: ~15x slower).
 No full-precision copy of a quantized weight is kept (file pages of mmap'd weights are handed back to the kernel).
 """
 from __future__ import annotations
@@ -32,8 +37,7 @@ from ..errors import MinibtError
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (256, 128, 64, 32)          # int4: the largest that divides in_features wins
-GEMV_ROWS = 16                            # up to this many rows: the weight-only integer kernels
-ROUTE_MANY_ROWS = "dequant-bf16"          # "dequant-bf16" | "dynamic-int8" (per-token activations, torch._int_mm)
+GEMV_ROWS = 16                            # int8: up to this many rows, the weight-only integer kernel
 
 
 class QuantizeError(MinibtError):
@@ -63,10 +67,6 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
-
-    def many_rows(self, x):
-        """Encoder batches and prefill: see ROUTE_MANY_ROWS."""
-        return F.linear(x.to(torch.bfloat16), self.dequantize(torch.bfloat16))
 
     @property
     def weight(self):
@@ -101,18 +101,10 @@ class Int8Linear(QuantLinear):
         return (self.qweight.float() * self.scale[:, None]).to(dtype)
 
     def mm(self, x):
+        x = x.to(torch.bfloat16).contiguous()
         if x.shape[0] <= GEMV_ROWS:
-            return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.qweight, self.scale_bf16)
-        if ROUTE_MANY_ROWS == "dynamic-int8":
-            return self.dynamic_int8(x)
-        return self.many_rows(x)
-
-    def dynamic_int8(self, x):
-        """int8 activations with one scale per token: (x / sx) @ q^T in int32, times sx * s."""
-        x = x.float()
-        sx = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
-        xq = torch.round(x / sx).to(torch.int8)
-        return torch._int_mm(xq, self.qweight.t()) * sx * self.scale
+            return torch._weight_int8pack_mm(x, self.qweight, self.scale_bf16)
+        return F.linear(x, self.qweight.to(torch.bfloat16) * self.scale_bf16[:, None])   # transient bf16 weight
 
 
 class Int4Linear(QuantLinear):
@@ -159,10 +151,8 @@ class Int4Linear(QuantLinear):
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(n, k).to(dtype)
 
     def mm(self, x):
-        if x.shape[0] <= GEMV_ROWS:
-            return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed,
-                                                     self.group_size, self.scale_zero)
-        return self.many_rows(x)
+        return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed,
+                                                 self.group_size, self.scale_zero)
 
 
 def _int4_layout(n: int, k: int) -> torch.Tensor:
