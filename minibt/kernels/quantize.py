@@ -53,7 +53,8 @@ def int4_group_size(in_features: int, where: str = "") -> int:
 
 
 class QuantLinear(nn.Module):
-    """Shared shape handling; subclasses hold the integer weight and implement mm(x2d) and dequantize()."""
+    """Shared shape handling; subclasses hold the integer weight and implement mm(x: (rows, in) bf16) and
+    dequantize()."""
 
     scheme = "?"
 
@@ -63,7 +64,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x):
-        y = self.mm(x.reshape(-1, self.in_features)).to(x.dtype)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if x2.data_ptr() % 64:                      # the integer kernels want aligned rows (see load_quantized)
+            x2 = x2.clone()
+        y = self.mm(x2).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -101,8 +105,7 @@ class Int8Linear(QuantLinear):
         return (self.qweight.float() * self.scale[:, None]).to(dtype)
 
     def mm(self, x):
-        x = x.to(torch.bfloat16).contiguous()
-        if x.shape[0] <= GEMV_ROWS:
+        if x.shape[0] <= GEMV_ROWS and self.in_features % 16 == 0:   # other widths: wrong sums or a crash
             return torch._weight_int8pack_mm(x, self.qweight, self.scale_bf16)
         return F.linear(x, self.qweight.to(torch.bfloat16) * self.scale_bf16[:, None])   # transient bf16 weight
 
@@ -113,22 +116,22 @@ class Int4Linear(QuantLinear):
     def __init__(self, in_features, out_features, bias=None, group_size: int = 32):
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
-        # the layout of torch._convert_weight_to_int4pack_for_cpu: (out, in / 2) bytes, two 4-bit values each
-        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
-        # (in / G, out, 2): scale and zero of each group, the kernel's own layout
-        self.register_buffer("scale_zero", torch.empty(in_features // group_size, out_features, 2,
-                                                       dtype=torch.bfloat16))
+        rows = -(-out_features // 16) * 16      # the packing needs a multiple of 16 outputs: zero rows pad it
+        # the layout of torch._convert_weight_to_int4pack_for_cpu: (rows, in / 2) bytes, two 4-bit values each
+        self.register_buffer("packed", torch.empty(rows, in_features // 2, dtype=torch.uint8))
+        # (in / G, rows, 2): scale and zero of each group, the kernel's own layout
+        self.register_buffer("scale_zero", torch.empty(in_features // group_size, rows, 2, dtype=torch.bfloat16))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, where: str = "") -> "Int4Linear":
         n, k = linear.out_features, linear.in_features
         g = int4_group_size(k, where)
-        w = linear.weight.detach().float().contiguous().view(n, k // g, g)
+        mod = cls(k, n, linear.bias, g)
+        w = F.pad(linear.weight.detach().float(), (0, 0, 0, mod.packed.shape[0] - n)).view(-1, k // g, g)
         lo, hi = w.amin(-1), w.amax(-1)
         scale = ((hi - lo).clamp(min=1e-12) / 15).to(torch.bfloat16).float()
         zero = (lo + 8 * scale).to(torch.bfloat16).float()          # w = (q - 8) * scale + zero
-        q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32).view(n, k)
-        mod = cls(k, n, linear.bias, g)
+        q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32).view(-1, k)
         mod.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
         mod.scale_zero = torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()
         return mod
@@ -137,8 +140,8 @@ class Int4Linear(QuantLinear):
         return super().extra_repr() + f", group_size={self.group_size}"
 
     def codes(self) -> torch.Tensor:
-        """(out, in) int32 values 0..15, undoing the kernel's packing (a nibble permutation, see _int4_layout)."""
-        n, k = self.out_features, self.in_features
+        """(rows, in) int32 values 0..15, undoing the kernel's packing (a nibble permutation, see _int4_layout)."""
+        n, k = self.packed.shape[0], self.in_features
         nibbles = torch.stack([self.packed & 15, self.packed >> 4], -1).flatten()
         out = torch.empty(n * k, dtype=torch.int32)
         out[_int4_layout(n, k)] = nibbles.to(torch.int32)
@@ -146,13 +149,13 @@ class Int4Linear(QuantLinear):
 
     def dequantize(self, dtype=torch.float32):
         n, k, g = self.out_features, self.in_features, self.group_size
-        sz = self.scale_zero.float().transpose(0, 1)                         # (out, in / G, 2)
-        q = self.codes().float().view(n, k // g, g)
-        return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(n, k).to(dtype)
+        sz = self.scale_zero.float().transpose(0, 1)                         # (rows, in / G, 2)
+        q = self.codes().float().view(-1, k // g, g)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(-1, k)[:n].to(dtype)
 
     def mm(self, x):
-        return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed,
-                                                 self.group_size, self.scale_zero)
+        y = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_zero)
+        return y if y.shape[1] == self.out_features else y[:, :self.out_features]
 
 
 def _int4_layout(n: int, k: int) -> torch.Tensor:
@@ -371,7 +374,8 @@ def load_quantized(folder, attn: str = "auto", device="cpu", expect: str | None 
     if missing or unexpected or bad:
         raise QuantizeError(f"{path}: tensors do not match the model its manifest describes; missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}, mis-shaped {bad[:5]}")
-    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    # fresh (64-byte aligned) copies: the integer kernels crash on tensors at the file's arbitrary offsets
+    model.load_state_dict({k: v.to(device, copy=True) for k, v in state.items()}, strict=True, assign=True)
     for mod in model.modules():
         if isinstance(mod, Int8Linear):
             mod.scale_bf16 = mod.scale.to(torch.bfloat16)
