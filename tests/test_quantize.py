@@ -46,9 +46,12 @@ def test_int8_weight_error_is_half_a_step():
 
 
 def test_int4_group_rule():
-    assert int4_group_size(576) == 64 and int4_group_size(1536) == 256 and int4_group_size(96) == 32
+    assert int4_group_size(576) == 32 and int4_group_size(1536, group_size=256) == 256
+    assert int4_group_size(576, group_size=256) == 64 and int4_group_size(96, group_size=128) == 32
     with pytest.raises(QuantizeError, match="layers.0.down.*in_features=37"):
         int4_group_size(37, "layers.0.down")
+    with pytest.raises(QuantizeError, match="group_size=48"):
+        int4_group_size(96, group_size=48)
 
 
 def test_int4_refuses_before_changing_anything(tiny_decoder):
@@ -202,12 +205,18 @@ PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The t
 
 @pytest.mark.slow
 def test_smollm2_int8_greedy_agrees_with_fp32(smol):
+    """fp32's greedy continuations (8 prompts x 32 new tokens); int8 must pick the same next token given the same
+    prefix at >= 90% of them (measured: int8 94%, bf16 94.5%, int4 56%). Free-running continuations (each model
+    feeding itself) agree far less, by near-ties cascading: bf16 alone matched fp32 at only 59% of positions and
+    int8 at 42% (docs/benchmarks.md), so that is not what this asserts."""
     tok, models = smol
     batch = tok(PROMPTS, padding_side="left")
     n = batch["input_ids"].shape[1]
-    fp, q = (models[s].generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=32)[:, n:]
-             for s in (None, "int8"))
-    agree = (fp == q).float().mean().item()
+    seqs = models[None].generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=32)
+    mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), 32, dtype=torch.long)], 1)
+    with torch.inference_mode():
+        picks = models["int8"](seqs, attention_mask=mask).logits[:, n - 1:-1].argmax(-1)
+    agree = (picks == seqs[:, n:]).float().mean().item()
     assert agree >= 0.9, agree
 
 
