@@ -235,3 +235,19 @@ def test_smollm2_perplexity(smol):
     for scheme, limit in (("int8", 0.03), ("int4", 0.10)):
         ppl = perplexity(models[scheme], ids)
         assert abs(ppl / fp - 1) <= limit, (scheme, ppl, fp)
+
+
+def test_audit_quantized_and_audit_on_a_quantized_model(tiny):
+    from minibt.tools.audit import audit, audit_quantized
+    folder, _ = tiny("BertForMaskedLM", intermediate_size=64)
+    fp, q8, q4 = (minibt.from_hub(folder, quantize=s) for s in (None, "int8", "int4"))
+    ids, mask = ragged_batch(99, 0)
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    r8, r4 = audit_quantized(fp, q8, inputs), audit_quantized(fp, q4, inputs)
+    assert len(r8.rows) == len(fp.layers) + 1 and r8.rows[-1]["layer"] == "output"
+    assert all(0 < r["rel"] < 0.05 and r["cos"] > 0.99 for r in r8.rows)
+    assert r4.rows[-1]["rel"] > r8.rows[-1]["rel"]                    # int4 drifts more than int8
+    assert "| output |" in r8.table()
+    assert audit_quantized(fp, fp, inputs).rows[-1]["abs"] == 0
+    res = audit(q8, inputs, ["naive", "sdpa", "varlen"])            # the backend audit still runs, fp64 reference
+    assert set(res.summary) == {"naive", "sdpa", "varlen"} and all(s["max_rel"] < 5e-2 for s in res.summary.values())
