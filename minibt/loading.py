@@ -3,7 +3,8 @@
     resolve files (hub.py) -> read config.json -> pick the family and head -> read every safetensors header (one
     parser, here) -> map checkpoint keys to parameter names once (weights_map/<family>.toml) -> build on `meta`
     without random init -> check: nothing missing, unexpected or mis-shaped, in one error -> read the tensors,
-    casting once -> assign (load_state_dict(assign=True)) -> tie -> eval, attention backend, kernel transforms.
+    casting once -> assign (load_state_dict(assign=True)) -> tie -> quantize if asked -> eval, attention backend,
+    kernel transforms. A folder written by kernels/quantize.save_quantized takes that module's load_quantized.
 
 Memory contract: tensor bytes are read from the file into memory the model owns (a concatenation or a cast reads
 straight into its result, so no second copy is made). The files are not memory-mapped: once loaded, rewriting,
@@ -35,9 +36,13 @@ REPORT_LIMIT = 30          # problems listed by name per kind in a CheckpointErr
 
 
 def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, head="auto", compile=False,
-         optimize=True):
+         optimize=True, quantize=None):
+    from .kernels import quantize as quantization
     from .models import MODEL_TYPES
     folder = resolve(name_or_path, revision)
+    if (folder / quantization.QUANTIZED_FILE).is_file():        # written by save_quantized: its own small plan
+        model = quantization.load_quantized(folder, attn=attn, device=device, expect=quantize)
+        return kernels.optimize(model) if optimize else model
     config_path = inside(folder, "config.json")
     config = read_json(config_path, required=True)
     model_type = config.get("model_type")
@@ -61,6 +66,8 @@ def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, 
         setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(src_parent), src_attr))
     model.source = folder
     model.generation = generation_defaults(folder, config) if cls.causal else {}    # encoders never read it
+    if quantize is not None:                  # integer weights from these tensors; the float ones are freed
+        quantization.quantize(model, quantize)
     model.eval().set_attention(attn)
     if optimize:
         kernels.optimize(model)
@@ -297,8 +304,9 @@ class Checkpoint:
         return out.to(dtype) if out.is_floating_point() and out.dtype != dtype else out
 
 
-def read_header(path: Path) -> dict:
-    """{key: {dtype, shape, data_offsets (absolute in the file)}}, checked; a CheckpointError names the fault."""
+def read_header(path: Path, with_metadata: bool = False):
+    """{key: {dtype, shape, data_offsets (absolute in the file)}}, checked; a CheckpointError names the fault.
+    with_metadata: also the file's `__metadata__` ({} when absent)."""
     def bad(what):
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({what})")
     try:
@@ -319,7 +327,9 @@ def read_header(path: Path) -> dict:
         bad(f"header is not JSON: {e}")
     if not isinstance(header, dict):
         bad("header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        bad("__metadata__ must map names to strings")
     base, spans, out = 8 + n, [], {}
     for key, e in header.items():
         if not isinstance(e, dict) or e.get("dtype") not in _ST_DTYPES:
@@ -346,7 +356,19 @@ def read_header(path: Path) -> dict:
     for (s1, e1, k1), (s2, e2, k2) in zip(spans, spans[1:]):
         if s2 < e1 and s2 < e2:
             bad(f"tensors {k1!r} and {k2!r} overlap")
+    if with_metadata:
+        return out, metadata or {}
     return out
+
+
+def read_file(path: Path) -> tuple[dict, dict]:
+    """Every tensor of one safetensors file (in memory it owns) and its string metadata, through the same parser."""
+    entries, metadata = read_header(path, with_metadata=True)
+    tensors = {}
+    for key, e in entries.items():
+        tensors[key] = torch.empty(e["shape"], dtype=_ST_DTYPES[e["dtype"]])
+        _read_into(path, e, tensors[key], key)
+    return tensors, metadata
 
 
 def _read_into(path: Path, entry: dict, out: torch.Tensor, key: str) -> None:

@@ -62,5 +62,6 @@ def apply(model) -> int:
     for target, source in model.tied().items():                    # re-tie: the LM head is the embedding
         parent, _, attr = target.rpartition(".")
         src_parent, _, src_attr = source.rpartition(".")
-        setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(src_parent), src_attr))
+        if isinstance(model.get_submodule(parent), nn.Linear):     # (a quantized head holds its own integers)
+            setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(src_parent), src_attr))
     return swapped

@@ -103,6 +103,11 @@ def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None,
     inputs = dict(inputs)
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
     names = list(backends) if backends else attention.functions()
+    route = [n for n in names if n not in attention.functions()]
+    if route:
+        from ..errors import BackendError
+        raise BackendError(f"audit compares attention functions layer by layer ({', '.join(attention.functions())}); "
+                           f"{', '.join(route)} is a route or a model-level transform, not one")
     dtype = next(model.parameters()).dtype
     ref = copy.deepcopy(model).to(torch.float64)
     ref_attn, ref_hidden = _trace(ref, attention.get("naive"), inputs)
@@ -177,3 +182,50 @@ def write_report(result: AuditResult, folder: Path) -> Path:
         text += ["![errors by layer](errors.png)", "![time](time.png)", "![memory](memory.png)"]
     (folder / "report.md").write_text("\n".join(text) + "\n")
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- quantization drift
+
+@dataclass
+class QuantAudit:
+    scheme: str
+    rows: list = field(default_factory=list)       # one dict per layer, then one for the output
+
+    def table(self) -> str:
+        lines = [f"| layer | hidden max abs | hidden max rel | min cosine per token | ({self.scheme} vs full precision, "
+                 "same backend, real tokens) |", "|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r['layer']} | {r['abs']:.2e} | {r['rel']:.2e} | {r['cos']:.5f} | |")
+        return "\n".join(lines)
+
+
+def audit_quantized(fp_model, q_model, inputs: dict, backend: str = "sdpa") -> QuantAudit:
+    """How far a quantized model (minibt.kernels.quantize) drifts from the full-precision one, layer by layer:
+    both run `backend` on the same inputs; per layer output and for the final output (logits when the model has a
+    head, else the last hidden state), max abs / max rel error and the min cosine over real tokens.
+    CLI (`minibt audit --quantize int8`): print audit(q_model, ...).table() and audit_quantized(fp, q, ...).table()."""
+    inputs = dict(inputs)
+    inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+    real = inputs["attention_mask"].bool()
+    traces = []
+    for model in (fp_model, q_model):
+        hidden = []
+        hooks = [layer.register_forward_hook(lambda m, a, out: hidden.append(out)) for layer in model.layers]
+        saved = model.attn
+        try:
+            with torch.inference_mode():
+                out = model.set_attention(backend)(**inputs)
+        finally:
+            model.set_attention(saved)
+            for h in hooks:
+                h.remove()
+        final = out.logits if out.logits is not None and out.logits.dim() == 3 else out.last_hidden_state
+        traces.append([h[real] for h in hidden] + [final[real]])          # (T, H): real tokens only
+    result = QuantAudit((q_model.quantization or {}).get("scheme", "?"))
+    for i, (a, b) in enumerate(zip(*traces)):
+        a, b = a.double(), b.double()
+        err = (b - a).abs().max().item()
+        result.rows.append(dict(layer=i if i < len(traces[0]) - 1 else "output", abs=err,
+                                rel=err / max(a.abs().max().item(), 1e-30),
+                                cos=torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()))
+    return result

@@ -133,7 +133,8 @@ def contenders(model, backends, compile_model=None):
 
 
 def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.75), dtype=None,
-        backends=("sdpa", "varlen", "fused", "auto"), reps=5, compile=False, progress=True, others=None):
+        backends=("sdpa", "varlen", "fused", "auto"), reps=5, compile=False, progress=True, others=None,
+        quantize=None):
     """Returns (rows, peak GFLOP/s); each row: batch, length, padding, contender, ms, and the speedup over the
     baseline ("transformers sdpa" when `others` adds it, else "minibt sdpa")."""
     import torch
@@ -149,10 +150,13 @@ def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.7
     if folder is None and model not in SHAPES:
         folder = model
     if folder is not None:
-        ours = from_hub(folder, dtype=dtype, head="base")
+        ours = from_hub(folder, dtype=dtype, head="base", quantize=quantize)
         twin = from_hub(folder, dtype=dtype, head="base", compile=True) if compile else None
     else:
         ours = random_model(model, dtype)
+        if quantize:
+            from ..kernels.quantize import quantize as quantize_model
+            quantize_model(ours, quantize)
         twin = random_model(model, dtype, compile=True) if compile else None
     models = {**contenders(ours, list(backends), twin), **extra}
     cfg = ours.config

@@ -98,6 +98,8 @@ def add_attn(p):
 def add_dtype(p, default=None, help="weights and activations dtype (default: the checkpoint's)"):
     p.add_argument("--dtype", default=default, choices=list(DTYPES), metavar="DTYPE",
                    help=f"{', '.join(DTYPES)} ({help})")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="integer weights for the linear layers, made at load (minibt.kernels.quantize)")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -133,7 +135,8 @@ def dtype_of(args):
 def load(args, **kw):
     import minibt
     name = model_name(args)
-    return minibt.from_hub(name, attn=getattr(args, "attn", "auto"), dtype=dtype_of(args), **kw), name
+    return minibt.from_hub(name, attn=getattr(args, "attn", "auto"), dtype=dtype_of(args),
+                           quantize=getattr(args, "quantize", None), **kw), name
 
 
 # -------------------------------------------------------------------------------------------- commands
@@ -157,6 +160,9 @@ def embed_args(p):
 
 def embed_run(args):
     if args.ray is not None:                                        # a corpus on a Ray cluster: tools/ray.py
+        if args.quantize:
+            raise MinibtError("--quantize is not available with --ray yet: the actors load the full-precision "
+                              "model; embed with --file on one machine, or drop --quantize")
         from .ray_command import run
         return run(args)
     import torch
@@ -304,13 +310,19 @@ def audit_run(args):
     from .progress import Progress
     model, name = load(args)
     tok = minibt.load_tokenizer(name)
-    names = args.backends or minibt.attention.backends()
+    names = args.backends or minibt.attention.functions()
     bar = Progress(len(names), "backends")
     title = f"{model_label(args)}, {str(next(model.parameters()).dtype).removeprefix('torch.')}"
     result = minibt.audit(model, tok(args.texts), names, out_dir=args.out, title=title,
                           progress=lambda name: bar.update(1, name))
     bar.close()
     print(result.table() if args.layers else result.table().split("\n\n")[0])
+    if args.quantize:                       # how far the quantized model drifts from the full-precision one
+        from .audit import audit_quantized
+        args.quantize = None
+        full, _ = load(args)
+        print()
+        print(audit_quantized(full, model, tok(args.texts)).table())
     if args.out:
         if importlib.util.find_spec("matplotlib") is None:
             print("matplotlib is not installed: the report has no plots (pip install 'minibt[plot]')")
@@ -366,7 +378,7 @@ def bench_run(args):
         args.batch, args.length, args.padding = [8, 16, 64], [64, 128, 256], [0, 0.1, 0.2, 0.5, 0.75]
     others = bench.load_contenders(args.others)
     rows, peak = bench.run(args.model, args.batch, args.length, args.padding, dtype, args.backends,
-                           args.reps, compile=args.compile, others=others)
+                           args.reps, compile=args.compile, others=others, quantize=args.quantize)
     table = bench.markdown(rows, peak, dtype)
     print(table)
     if args.out:

@@ -505,7 +505,7 @@ def run(args) -> None:
     folder = resolve(str(name))
     arch = ((json.loads((folder / "config.json").read_text()).get("architectures") or [""])[0])
     head = "sequence-classification" if arch.endswith("ForSequenceClassification") else "base"
-    model = minibt.from_hub(folder, attn=args.attn, dtype=args.dtype, head=head)
+    model = minibt.from_hub(folder, attn=args.attn, dtype=args.dtype, head=head, quantize=args.quantize)
     tok = minibt.load_tokenizer(folder)
     model_id = args.model_id or (str(args.model) if args.model else "sentence-transformers/all-MiniLM-L6-v2")
     asgi = app(model, tok, max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,

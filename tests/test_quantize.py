@@ -1,0 +1,267 @@
+"""Quantized linear layers (minibt/kernels/quantize.py): error bounds, real-model accuracy, save/load, backends."""
+import ast
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minibt
+from minibt import attention
+from minibt.kernels.quantize import (Int4Linear, Int8Linear, QuantizeError, int4_group_size, quantize,
+                                     save_quantized, QUANTIZED_FILE)
+from conftest import left_padded, ragged_batch
+
+# Documented error of one quantized linear against the float one (relative Frobenius norm of the output, random
+# Gaussian weights and inputs): int8 per-channel + bf16 activations ~0.5%, int4 groups of 32-64 ~6.5%.
+BOUND = {"int8": 0.01, "int4": 0.08}
+CLASSES = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 40])        # the GEMV kernel, its upper end, and the many-rows route
+def test_linear_within_documented_error(scheme, dtype, rows):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 960).to(dtype)
+    q = CLASSES[scheme].from_float(lin)
+    x = torch.randn(2, rows, 576, dtype=dtype)
+    ref, out = lin(x).float(), q(x)
+    assert out.dtype == dtype and out.shape == (2, rows, 960)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < BOUND[scheme]
+    # and it is the dequantized weight's product, up to bf16 rounding of the activations
+    exact = F.linear(x.float(), q.dequantize(), lin.bias.float())
+    assert ((out.float() - exact).norm() / exact.norm()).item() < 1e-2
+
+
+def test_int8_weight_error_is_half_a_step():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(64, 48)
+    q = Int8Linear.from_float(lin)
+    step = lin.weight.abs().amax(1, keepdim=True) / 127
+    assert bool(((q.dequantize() - lin.weight).abs() <= step / 2 + 1e-7).all())
+
+
+def test_int4_group_rule():
+    assert int4_group_size(576) == 32 and int4_group_size(1536, group_size=256) == 256
+    assert int4_group_size(576, group_size=256) == 64 and int4_group_size(96, group_size=128) == 32
+    with pytest.raises(QuantizeError, match="layers.0.down.*in_features=37"):
+        int4_group_size(37, "layers.0.down")
+    with pytest.raises(QuantizeError, match="group_size=48"):
+        int4_group_size(96, group_size=48)
+
+
+def test_int4_refuses_before_changing_anything(tiny_decoder):
+    folder, _ = tiny_decoder("llama-gqa")                 # intermediate_size=37: no group size divides it
+    model = minibt.from_hub(folder)
+    with pytest.raises(QuantizeError, match=r"layers\.0\.mlp\.down.*in_features=37.*'int8'"):
+        quantize(model, "int4")
+    assert not any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+    with pytest.raises(QuantizeError, match="int3"):
+        minibt.from_hub(folder, quantize="int3")
+
+
+def test_what_is_quantized_and_tied_embedding_kept(tiny_decoder):
+    folder, _ = tiny_decoder("llama3-mqa-tied-bias-headdim")
+    fp = minibt.from_hub(folder)
+    model = minibt.from_hub(folder, quantize="int8")
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.layers[0].attention.qkv, Int8Linear)
+    assert isinstance(model.embed.weight, torch.nn.Parameter) and model.embed.weight.dtype == torch.float32
+    assert torch.equal(model.embed.weight, fp.embed.weight)          # the embedding the head was tied to
+    assert model.layers[0].norm1.weight.dtype == torch.float32
+    assert not any(isinstance(m, torch.nn.Linear) for name, m in model.named_modules() if name.startswith("layers"))
+    ids, mask = left_padded(99, 0)
+    got, want = model(ids, attention_mask=mask).logits, fp(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got[real] - want[real]).norm() / want[real].norm() < 0.03
+
+
+def _backends(model):
+    return [b for b in attention.backends() if not (b == "fused" and model.family in ("llama", "opt"))]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_every_backend_runs_on_a_quantized_encoder(tiny, scheme):
+    folder, _ = tiny("BertForMaskedLM", intermediate_size=64)       # widths divisible by an int4 group
+    model = minibt.from_hub(folder, quantize=scheme)
+    ids, mask = ragged_batch(99, 0)
+    model.set_attention("naive")
+    want = model(ids, attention_mask=mask)
+    for name in attention.backends() + ["auto"]:
+        out = model.set_attention(name)(ids, attention_mask=mask)
+        real = mask.bool()
+        # same quantized weights; packed backends see fewer rows, so another kernel route (both with bf16
+        # activations), and fused dequantizes to float: bf16-level agreement (the audit's bf16 tolerance)
+        torch.testing.assert_close(out.last_hidden_state[real], want.last_hidden_state[real], atol=3e-2, rtol=3e-2,
+                                   msg=name)
+        assert out.logits.shape == want.logits.shape
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_every_backend_runs_on_a_quantized_decoder(tiny_decoder, tmp_path, scheme):
+    import transformers
+    torch.manual_seed(3)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, max_position_embeddings=64)).eval()
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    model = minibt.from_hub(tmp_path, quantize=scheme)
+    ids, mask = left_padded(99, 0)
+    model.set_attention("naive")
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=5)
+    for name in _backends(model):
+        got = model.set_attention(name).generate(ids, attention_mask=mask, max_new_tokens=5)
+        assert torch.equal(got, want), name
+    with pytest.raises(minibt.errors.BackendError):
+        model.set_attention("fused")
+
+
+def test_save_load_bit_identical_and_manifest_checks(tmp_path):
+    import transformers
+    torch.manual_seed(4)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    ref.save_pretrained(tmp_path / "fp", safe_serialization=True)
+    ids, mask = left_padded(99, 0)
+    for scheme in ("int8", "int4"):
+        model = minibt.from_hub(tmp_path / "fp", quantize=scheme)
+        out = save_quantized(model, tmp_path / scheme)
+        back = minibt.from_hub(out)
+        assert back.quantization["scheme"] == scheme
+        a, b = model.state_dict(), back.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert torch.equal(model(ids, attention_mask=mask).logits, back(ids, attention_mask=mask).logits)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4),
+                           back.generate(ids, attention_mask=mask, max_new_tokens=4))
+        # the small file is what ships: int weights, no float copy of the quantized layers
+        assert (out / QUANTIZED_FILE).stat().st_size < 0.5 * (tmp_path / "fp" / "model.safetensors").stat().st_size
+    with pytest.raises(QuantizeError, match="scheme 'int8'.*quantize='int4'"):
+        minibt.from_hub(tmp_path / "int8", quantize="int4")
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (tmp_path / "int8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizeError, match="config.json.*another model"):
+        minibt.from_hub(tmp_path / "int8")
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    path = tmp_path / "int4" / QUANTIZED_FILE
+    with safe_open(path, framework="pt") as f:
+        manifest = json.loads(f.metadata()["minibt"])
+    tensors = load_file(path)
+    save_file(tensors, path, metadata={"minibt": json.dumps({**manifest, "version": 99})})
+    with pytest.raises(QuantizeError, match="version 99"):
+        minibt.from_hub(tmp_path / "int4")
+    tensors.pop("layers.0.attention.qkv.codes")
+    save_file(tensors, path, metadata={"minibt": json.dumps(manifest)})
+    with pytest.raises(QuantizeError, match=r"missing \['layers.0.attention.qkv.packed'\]"):
+        minibt.from_hub(tmp_path / "int4")
+
+
+# ---------------------------------------------------------------------------------------------- real models
+
+def stdlib_corpus(n: int, seed: int = 0) -> list[str]:
+    """Real text: paragraphs of the Python standard library's docstrings (as benchmarks/embed_corpus.py)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paragraphs = []
+    for path in sorted(root.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for para in (ast.get_docstring(node) or "").split("\n\n"):
+                    if 3 <= len(para.split()) <= 200:
+                        paragraphs.append(" ".join(para.split()))
+    random.Random(seed).shuffle(paragraphs)
+    assert len(paragraphs) >= n
+    return paragraphs[:n]
+
+
+@pytest.mark.slow
+def test_minilm_int8_embeddings_on_a_real_corpus(minilm):
+    texts = stdlib_corpus(1000)
+    tok = minibt.load_tokenizer(minilm)
+    fp = minibt.embed(minibt.from_hub(minilm), tok, texts)
+    q = minibt.embed(minibt.from_hub(minilm, quantize="int8"), tok, texts)
+    cos = F.cosine_similarity(q.float(), fp).min().item()
+    assert cos >= 0.99, cos
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    tok = minibt.load_tokenizer(smollm2)
+    return tok, {s: minibt.from_hub(smollm2, quantize=s) for s in (None, "int8", "int4")}
+
+
+PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The three primary colors are",
+           "In 1492, Christopher Columbus", "The largest planet in the solar system is",
+           "A good recipe for pancakes needs", "Python is a programming language that", "The theory of relativity"]
+
+
+@pytest.mark.slow
+def test_smollm2_int8_greedy_agrees_with_fp32(smol):
+    """fp32's greedy continuations (8 prompts x 32 new tokens); int8 must pick the same next token given the same
+    prefix at >= 90% of them (measured: int8 94%, bf16 94.5%; int4 with groups of 64: 56%). Free-running
+    continuations (each model feeding itself) agree far less, by near-ties cascading: bf16 alone matched fp32 at only 59% of positions and
+    int8 at 42% (docs/benchmarks.md), so that is not what this asserts."""
+    tok, models = smol
+    batch = tok(PROMPTS, padding_side="left")
+    n = batch["input_ids"].shape[1]
+    seqs = models[None].generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=32)
+    mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), 32, dtype=torch.long)], 1)
+    with torch.inference_mode():
+        picks = models["int8"](seqs, attention_mask=mask).logits[:, n - 1:-1].argmax(-1)
+    agree = (picks == seqs[:, n:]).float().mean().item()
+    assert agree >= 0.9, agree
+
+
+def perplexity(model, ids) -> float:
+    with torch.inference_mode():
+        logits = model(ids).logits[0, :-1].float()
+    return torch.exp(F.cross_entropy(logits, ids[0, 1:])).item()
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity(smol):
+    tok, models = smol
+    text = " ".join(stdlib_corpus(40, seed=1))                     # fixed real text
+    ids = torch.tensor([tok.encode([text], truncation=True, max_length=512)[0].ids])
+    fp = perplexity(models[None], ids)
+    for scheme, limit in (("int8", 0.03), ("int4", 0.10)):
+        ppl = perplexity(models[scheme], ids)
+        assert abs(ppl / fp - 1) <= limit, (scheme, ppl, fp)
+
+
+def test_audit_quantized_and_audit_on_a_quantized_model(tiny):
+    from minibt.tools.audit import audit, audit_quantized
+    folder, _ = tiny("BertForMaskedLM", intermediate_size=64)
+    fp, q8, q4 = (minibt.from_hub(folder, quantize=s) for s in (None, "int8", "int4"))
+    ids, mask = ragged_batch(99, 0)
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    r8, r4 = audit_quantized(fp, q8, inputs), audit_quantized(fp, q4, inputs)
+    assert len(r8.rows) == len(fp.layers) + 1 and r8.rows[-1]["layer"] == "output"
+    assert all(0 < r["rel"] < 0.05 and r["cos"] > 0.99 for r in r8.rows)
+    assert r4.rows[-1]["rel"] > r8.rows[-1]["rel"]                    # int4 drifts more than int8
+    assert "| output |" in r8.table()
+    assert audit_quantized(fp, fp, inputs).rows[-1]["abs"] == 0
+    res = audit(q8, inputs, ["naive", "sdpa", "varlen"])            # the backend audit still runs, fp64 reference
+    assert set(res.summary) == {"naive", "sdpa", "varlen"} and all(s["max_rel"] < 5e-2 for s in res.summary.values())
+
+
+def test_cli_quantize_flag(minilm):
+    """--quantize on the commands: embed runs on int8 weights (vectors close to fp32), audit adds the drift table."""
+    import subprocess
+    import sys
+    run = lambda *a: subprocess.run([sys.executable, "-m", "minibt", *a], capture_output=True, text=True, timeout=600)
+    r = run("embed", "--quantize", "int8", "--vectors", "A man is eating food.")
+    assert r.returncode == 0, r.stderr
+    r = run("audit", "--quantize", "int8", "--backends", "sdpa,varlen", "A man is eating food.")
+    assert r.returncode == 0, r.stderr
+    assert "| output |" in r.stdout and "| sdpa |" in r.stdout
+    r = run("audit", "--backends", "auto", "text")
+    assert r.returncode != 0 and "auto" in r.stderr
