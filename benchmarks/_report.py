@@ -13,6 +13,16 @@ HEADER = ("# Benchmarks\n\nEvery table here was written by the command above it,
           "same run on the same weights and inputs; read the ratios, not the absolute times (machines are noisy).\n")
 
 
+def test_module(name: str):
+    """A module of tests/ (fixtures shared with the test suite), loaded by path: nothing edits sys.path."""
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "tests" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"Python {platform.python_version()}")

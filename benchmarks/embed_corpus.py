@@ -7,9 +7,6 @@ Benchmark-only extra: pip install onnxruntime onnx (the ONNX row is skipped, and
 from __future__ import annotations
 
 import argparse
-import ast
-import random
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -18,28 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _report import table, write_section
+from _report import table, test_module, write_section
 
 
 def stdlib_corpus(n: int = 4000, seed: int = 0) -> list[str]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paragraphs = []
-    for path in sorted(root.rglob("*.py")):
-        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in path.parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                for para in (doc or "").split("\n\n"):
-                    words = para.split()
-                    if 3 <= len(words) <= 200:
-                        paragraphs.append(" ".join(words))
-    random.Random(seed).shuffle(paragraphs)
-    return paragraphs[:n]
+    return test_module("real_corpus").stdlib_corpus(n, seed)       # the same real text the tests use
 
 
 def timed(fn):

@@ -14,18 +14,12 @@ from pathlib import Path
 
 import torch
 
-from _report import table, write_section
+from _report import table, test_module, write_section
 
 
 
 def build_smollm2() -> Path:
-    """The test suite's SmolLM2 fixture (tests/smollm2_fixture.py), loaded by path: nothing edits sys.path."""
-    import importlib.util
-    path = Path(__file__).resolve().parent.parent / "tests" / "smollm2_fixture.py"
-    spec = importlib.util.spec_from_file_location("smollm2_fixture", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_smollm2()
+    return test_module("smollm2_fixture").build_smollm2()         # the test suite's fixture
 
 
 def read_bandwidth() -> float:

@@ -18,7 +18,6 @@ Scaling efficiency = texts/s / (actors x texts/s of minibt.embed with 1 thread).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import random
@@ -36,25 +35,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from _report import table, write_section
+from _report import table, test_module, write_section
 from embed_corpus import stdlib_corpus
 
 
 def package_paragraphs(root: Path) -> list[str]:
-    out = []
-    for path in sorted(root.rglob("*.py")):
-        if any(part in ("test", "tests") for part in path.parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                for para in (ast.get_docstring(node) or "").split("\n\n"):
-                    if 3 <= len(para.split()) <= 200:
-                        out.append(" ".join(para.split()))
-    return out
+    return test_module("real_corpus").docstring_paragraphs(root, skip=("test", "tests"))
 
 
 def corpus(n: int, seed: int = 0) -> list[str]:

@@ -111,7 +111,6 @@ def pct(xs, q):
 
 async def main_async(args):
     import httpx
-    sys.path.insert(0, str(Path(__file__).parent))
     from _report import table, write_section
     from embed_corpus import stdlib_corpus
     from minibt.hub import bundled_model

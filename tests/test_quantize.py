@@ -1,15 +1,12 @@
 """Quantized linear layers (minibt/kernels/quantize.py): error bounds, real-model accuracy, save/load, backends."""
-import ast
 import json
-import random
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import minibt
+import real_corpus
 from minibt import attention
 from minibt.kernels.quantize import (Int4Linear, Int8Linear, QuantizeError, int4_group_size, quantize,
                                      save_quantized, QUANTIZED_FILE)
@@ -164,22 +161,8 @@ def test_save_load_bit_identical_and_manifest_checks(tmp_path):
 # ---------------------------------------------------------------------------------------------- real models
 
 def stdlib_corpus(n: int, seed: int = 0) -> list[str]:
-    """Real text: paragraphs of the Python standard library's docstrings (as benchmarks/embed_corpus.py)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paragraphs = []
-    for path in sorted(root.glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                for para in (ast.get_docstring(node) or "").split("\n\n"):
-                    if 3 <= len(para.split()) <= 200:
-                        paragraphs.append(" ".join(para.split()))
-    random.Random(seed).shuffle(paragraphs)
-    assert len(paragraphs) >= n
-    return paragraphs[:n]
+    """Real text: paragraphs of the top-level standard-library modules' docstrings (tests/real_corpus.py)."""
+    return real_corpus.stdlib_corpus(n, seed, recursive=False)
 
 
 @pytest.mark.slow
