@@ -190,8 +190,8 @@ PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The t
 def test_smollm2_int8_greedy_agrees_with_fp32(smol):
     """fp32's greedy continuations (8 prompts x 32 new tokens); int8 must pick the same next token given the same
     prefix at >= 90% of them (measured: int8 94%, bf16 94.5%; int4 with groups of 64: 56%). Free-running
-    continuations (each model feeding itself) agree far less, by near-ties cascading: bf16 alone matched fp32 at only 59% of positions and
-    int8 at 42% (docs/benchmarks.md), so that is not what this asserts."""
+    continuations (each model feeding itself) agree far less, by near-ties cascading: bf16 alone matched fp32 at
+    only 59% of positions and int8 at 42% (docs/benchmarks.md), so that is not what this asserts."""
     tok, models = smol
     batch = tok(PROMPTS, padding_side="left")
     n = batch["input_ids"].shape[1]
