@@ -14,6 +14,9 @@ _keep = []     # temporary checkpoint folders live as long as the process
 
 def contenders(model: str, dtype):
     import transformers
+    # transformers' own loading bars and warnings would interleave with minibt bench's progress bar
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     if model in SHAPES:
         tmp = tempfile.TemporaryDirectory()
         _keep.append(tmp)

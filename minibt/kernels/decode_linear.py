@@ -35,8 +35,9 @@ def applies(model) -> bool:
 
 
 def apply(model) -> int:
-    """Swap every plain nn.Linear of a decoder for a DecodeLinear sharing its parameters, and keep fp32 weights
-    column-major (the embedding too: a tied LM head reads it). Returns the number of linears swapped."""
+    """Turn every plain nn.Linear of a decoder into a DecodeLinear (same parameters, another forward), and keep fp32
+    weights column-major (the embedding too: a tied LM head reads it; tied weights stay one tensor). Returns the
+    number of linears swapped."""
     column_major = {}
 
     def layout(p: nn.Parameter) -> nn.Parameter:
@@ -47,21 +48,11 @@ def apply(model) -> int:
         return column_major[id(p)]
 
     swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                fast = DecodeLinear.__new__(DecodeLinear)
-                nn.Module.__init__(fast)
-                fast.in_features, fast.out_features = child.in_features, child.out_features
-                fast.weight = layout(child.weight)
-                fast.bias = child.bias
-                setattr(parent, name, fast)
-                swapped += 1
+    for module in list(model.modules()):
+        if type(module) is nn.Linear:
+            module.__class__ = DecodeLinear                        # DecodeLinear only adds a forward
+            module.weight = layout(module.weight)
+            swapped += 1
     if hasattr(model, "embed"):
         model.embed.weight = layout(model.embed.weight)
-    for target, source in model.tied().items():                    # re-tie: the LM head is the embedding
-        parent, _, attr = target.rpartition(".")
-        src_parent, _, src_attr = source.rpartition(".")
-        if isinstance(model.get_submodule(parent), nn.Linear):     # (a quantized head holds its own integers)
-            setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(src_parent), src_attr))
     return swapped

@@ -1,8 +1,8 @@
 """BERT (Devlin et al., 2019): embeddings, post-LN encoder layers, the pooler and the heads.
 
 RoBERTa and DistilBERT (roberta.py, distilbert.py) reuse all of it and say only what differs. Shape legend in
-minibt/attention/__init__.py. With a packed backend (varlen) the batch is (1, T, H): the real tokens of every row
-back to back, padding removed once at the entry and restored once at the exit (models/common.py TokenLayout).
+minibt/attention/__init__.py. Between the entry and the exit the batch may be packed, (1, T, H): the real tokens of
+every row back to back (models/common.py TokenLayout decides, once per forward).
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.ModuleList):
-    """The layer stack. (kernels/fused_encoder.py can swap it for torch's fused encoder-layer op.)"""
+    """The layer stack: x -> layer 1 -> ... -> layer N."""
 
     def forward(self, x, mask, attend):
         for layer in self:

@@ -120,7 +120,7 @@ class Model(nn.Module):
     head_kinds: tuple = ()              # the model heads this family can have: "base", "masked-lm", ...
     source: Path | None = None          # the folder it was loaded from (set by loading.py)
     generation: dict = {}               # eos/pad/bos token ids from config.json + generation_config.json
-    quantization: dict | None = None    # set by kernels/quantize.py: scheme, quantized modules, group sizes
+    quantization: dict | None = None    # set when weights were quantized: scheme, quantized modules, group sizes
     attn = "auto"                       # the name of the attention backend in use
     backend: Backend = None
 

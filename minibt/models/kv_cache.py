@@ -25,7 +25,7 @@ class KVCache:
 
     def update(self, layer: int, k, v, packing=None):
         """Store this step's k, v (B, Hkv, S, D) at positions length.. and return the keys and values to attend
-        over: (B, Hkv, length + S, D). A packed prefill (varlen) passes (1, Hkv, T, D) with its packing: the cache
+        over: (B, Hkv, length + S, D). A packed prefill passes (1, Hkv, T, D) with its packing: the cache
         gets the padded layout, and the prefill attends over its own packed tokens."""
         start = self.length
         if packing is not None:

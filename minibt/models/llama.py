@@ -1,8 +1,8 @@
 """Llama (Touvron et al., 2023): RMSNorm, rotary position embeddings (RoPE, with the scaling kinds real checkpoints
 use), grouped-query attention (GQA), a SwiGLU MLP, and a tied or untied LM head.
 
-Textbook maths only; the CPU speed tricks (decode linears, column-major fp32 weights, RMSNorm as one fused kernel)
-are transforms in minibt/kernels/ applied after loading. Shape legend in minibt/attention/__init__.py.
+Textbook maths only (speed is applied from outside, after loading: minibt/kernels/). Shape legend in
+minibt/attention/__init__.py.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """OPT (Zhang et al., 2022): learned positions offset by 2, pre-LN (or post-LN, opt-350m) decoder layers, optional
 project_in/out around the stack, ReLU MLP, and an LM head tied to the embeddings.
 
-Textbook maths only; CPU speed tricks are transforms in minibt/kernels/. Shape legend in minibt/attention/__init__.py.
+Textbook maths only (speed is applied from outside, after loading: minibt/kernels/). Shape legend in
+minibt/attention/__init__.py.
 """
 from __future__ import annotations
 

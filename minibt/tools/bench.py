@@ -66,12 +66,6 @@ def load_contenders(spec: str | None):
     transformers). minibt itself never imports them. When it returns a folder, minibt loads the same weights."""
     if not spec:
         return None
-    # other libraries' own progress bars and warnings would interleave with ours
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    if "huggingface_hub" in sys.modules:               # already imported: it read the variable at import
-        sys.modules["huggingface_hub"].utils.disable_progress_bars()
     module, _, function = spec.rpartition(":") if spec.count(":") and not spec.endswith(".py") else (spec, "", "")
     function = function or "contenders"
     try:
@@ -141,10 +135,7 @@ def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.7
     from .. import from_hub
     dtype = dtype or torch.float32
     if others:
-        try:
-            folder, extra = others(model, dtype)
-        finally:
-            _quiet_transformers()
+        folder, extra = others(model, dtype)
     else:
         folder, extra = None, {}
     if folder is None and model not in SHAPES:
@@ -182,14 +173,6 @@ def run(model="bert-base", batches=(8,), lengths=(128,), paddings=(0.0, 0.5, 0.7
         bar.update(1, f"B{b} S{s} pad {p:.2f}")
     bar.close()
     return rows, peak
-
-
-def _quiet_transformers():
-    """transformers' loading bars and warnings, if it was imported by a contender."""
-    if "transformers" in sys.modules:
-        from transformers.utils import logging
-        logging.disable_progress_bar()
-        logging.set_verbosity_error()
 
 
 def markdown(rows, peak, dtype) -> str:
