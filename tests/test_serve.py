@@ -404,3 +404,19 @@ def test_predict_two_labels_softmax_in_process(tiny, tmp_path):
     assert {p["label"] for p in one.json()} == {"LABEL_0", "LABEL_1"}
     assert too_many.status_code == 413 and "--max-client-batch-size" in too_many.json()["error"]
     assert rerank.status_code == 400 and "2 labels" in rerank.json()["error"]
+
+
+def test_vectors_render_as_float32_with_or_without_orjson(monkeypatch):
+    """Both writers give back exactly the float32 values (orjson: float32's shortest decimals; json: float64 digits)."""
+    vecs = torch.nn.functional.normalize(torch.randn(3, 384, generator=torch.Generator().manual_seed(0)), dim=-1)
+    vecs[0, 0] = 1e-30                                     # tiny and huge magnitudes too
+    vecs[1, 1] = -3.5e30
+    body = {"data": [{"embedding": row, "index": i} for i, row in enumerate(serve.rows(vecs))], "n": 3}
+    fast = serve.render(body)
+    monkeypatch.setattr(serve, "orjson", None)
+    slow = serve.render(body)
+    for text in (fast, slow):
+        got = json.loads(text)
+        assert got["n"] == 3 and [d["index"] for d in got["data"]] == [0, 1, 2]
+        assert torch.equal(torch.tensor([d["embedding"] for d in got["data"]], dtype=torch.float32), vecs)
+    assert len(fast) < 0.75 * len(slow)                    # shortest float32 decimals, not float64 ones

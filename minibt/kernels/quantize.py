@@ -55,8 +55,7 @@ def int4_group_size(in_features: int, where: str = "", group_size: int = 32) -> 
 
 
 class QuantLinear(nn.Module):
-    """Shared shape handling; subclasses hold the integer weight and implement mm(x: (rows, in) bf16) and
-    dequantize()."""
+    """Shared shape handling; subclasses hold the integer weight and implement mm (below) and dequantize()."""
 
     scheme = "?"
 
@@ -64,16 +63,22 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # mm(x: (rows, in) bf16, contiguous, 64-byte aligned; bias: bf16 (out,) or None) -> (rows, out) bf16
 
     def forward(self, x):
         if x.dtype == torch.float64:                # the audit's exact reference: the same integer weights in fp64
             return F.linear(x, self.dequantize(torch.float64), self.bias)
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        if x2.data_ptr() % 64:                      # the integer kernels want aligned rows (see load_quantized)
-            x2 = x2.clone()
-        y = self.mm(x2).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)              # a fresh tensor: contiguous and aligned
+        elif x2.data_ptr() % 64 or not x2.is_contiguous():
+            x2 = x2.clone(memory_format=torch.contiguous_format)   # the integer kernels want aligned rows
+        same = self.bias is not None and self.bias.dtype == torch.bfloat16
+        y = self.mm(x2, self.bias if same else None)               # (rows, out) bf16
+        if self.bias is not None and not same:
+            y = torch.add(self.bias, y)             # one pass: the bias added in x's dtype, the cast included
+        elif y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     @property
@@ -108,11 +113,12 @@ class Int8Linear(QuantLinear):
     def dequantize(self, dtype=torch.float32):
         return (self.qweight.to(self.scale.dtype) * self.scale[:, None]).to(dtype)
 
-    def mm(self, x):
+    def mm(self, x, bias=None):
         if x.shape[0] <= GEMV_ROWS and self.in_features % 16 == 0:   # other widths: wrong sums or a crash
-            return torch._weight_int8pack_mm(x, self.qweight, self.scale_bf16.to(torch.bfloat16))
-        scale = self.scale_bf16.to(torch.bfloat16)[:, None]
-        return F.linear(x, self.qweight.to(torch.bfloat16) * scale)       # a transient bf16 weight, not kept
+            y = torch._weight_int8pack_mm(x, self.qweight, self.scale_bf16.to(torch.bfloat16))
+            return y if bias is None else y.add_(bias)
+        w = self.qweight.to(torch.bfloat16).mul_(self.scale_bf16.to(torch.bfloat16)[:, None])   # a transient bf16 weight, not kept
+        return F.linear(x, w, bias)
 
 
 class Int4Linear(QuantLinear):
@@ -158,9 +164,11 @@ class Int4Linear(QuantLinear):
         q = self.codes().to(sz.dtype).view(-1, k // g, g)
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(-1, k)[:n].to(dtype)
 
-    def mm(self, x):
-        y = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_zero.to(torch.bfloat16))
-        return y if y.shape[1] == self.out_features else y[:, :self.out_features]
+    def mm(self, x, bias=None):
+        y = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size,
+                                              self.scale_zero.to(torch.bfloat16))
+        y = y if y.shape[1] == self.out_features else y[:, :self.out_features]
+        return y if bias is None else y + bias
 
 
 def _int4_layout(n: int, k: int) -> torch.Tensor:

@@ -29,6 +29,26 @@ from ..errors import ConfigError, MinibtError
 PAYLOAD_LIMIT = 2_000_000            # bytes, as TEI
 
 
+try:
+    import orjson                    # the serve extra installs it; a plain `pip install starlette uvicorn` may not
+except ImportError:
+    orjson = None
+
+
+def render(out) -> bytes:
+    """A response body. Vectors travel as float32 numpy rows and are written with the shortest decimal that reads back
+    as the same float32 (as TEI writes them): orjson does that ~20x faster than the json module (0.04 vs 0.8 ms for
+    5 x 384 values here), whose fallback writes the float64 digits of the same values."""
+    if orjson is None:
+        return json.dumps(out, default=lambda a: a.tolist()).encode()
+    return orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def rows(vecs: torch.Tensor):
+    """(N, H) float32 tensor -> an (N, H) numpy array for render (which wants C order)."""
+    return vecs.float().contiguous().numpy()
+
+
 class ApiError(Exception):
     """An answer other than 200: TEI's {"error", "error_type"} body with its status."""
 
@@ -189,7 +209,7 @@ class Service:
         return Starlette(routes=routes, lifespan=lifespan)
 
     def _wrap(self, route, fn, body=True):
-        from starlette.responses import JSONResponse, Response
+        from starlette.responses import Response
 
         async def endpoint(request):
             t0 = time.perf_counter()
@@ -207,7 +227,7 @@ class Service:
             if isinstance(out, Response):
                 out.headers.update(headers)
                 return out
-            return JSONResponse(out, status_code=status, headers=headers)
+            return Response(render(out), status_code=status, headers=headers, media_type="application/json")
         return endpoint
 
     def _authorise(self, request):
@@ -348,7 +368,7 @@ class Service:
         normalize = self._flag(body, "normalize", self.recipe.normalize)
         vecs = await self._run(self._encode(body, texts, "inputs", timing), timing)
         vecs = F.normalize(vecs, dim=-1) if normalize else vecs
-        return self._dimensions(body, vecs, normalize).tolist()
+        return rows(self._dimensions(body, vecs, normalize))
 
     async def openai_embeddings(self, body, timing):
         """OpenAI: {input, model, encoding_format, dimensions} -> {object: list, data, model, usage}"""
@@ -367,7 +387,7 @@ class Service:
         if fmt == "base64":
             data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vecs]
         else:
-            data = vecs.tolist()
+            data = list(rows(vecs))
         tokens = sum(len(e.ids) for e in encs)
         return {"object": "list", "model": self.model_id,
                 "data": [{"object": "embedding", "embedding": d, "index": i} for i, d in enumerate(data)],
@@ -448,7 +468,7 @@ class Service:
         else:
             labels = self.labels or [f"LABEL_{i}" for i in range(self.width)]
             model_type = {"reranker" if self.width == 1 else "classifier": {
-                "id2label": dict(enumerate(labels)), "label2id": {v: k for k, v in enumerate(labels)}}}
+                "id2label": {str(i): v for i, v in enumerate(labels)}, "label2id": {v: k for k, v in enumerate(labels)}}}
         return {"model_id": self.model_id, "model_sha": None, "model_dtype": self.dtype, "model_type": model_type,
                 "backend": "minibt", "attn": self.attn, "max_input_length": self.limit,
                 "max_batch_tokens": self.max_batch_tokens, "max_client_batch_size": self.max_client_batch_size,
