@@ -3,7 +3,8 @@
     resolve files (hub.py) -> read config.json -> pick the family and head -> read every safetensors header (one
     parser, here) -> map checkpoint keys to parameter names once (weights_map/<family>.toml) -> build on `meta`
     without random init -> check: nothing missing, unexpected or mis-shaped, in one error -> read the tensors,
-    casting once -> assign (load_state_dict(assign=True)) -> tie -> quantize if asked -> eval, attention backend,
+    casting once (quantize=: each target layer quantized as soon as its tensors are read) -> assign
+    (load_state_dict(assign=True)) -> tie -> swap in the quantized layers -> eval, attention backend,
     kernel transforms. A folder written by kernels/quantize.save_quantized takes that module's load_quantized.
 
 Memory contract: tensor bytes are read from the file into memory the model owns (a concatenation or a cast reads
@@ -25,6 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import kernels
+from .kernels.malloc import release_freed_memory
 from .config import Fields, read_json
 from .errors import CheckpointError, ConfigError
 from .hub import inside, resolve
@@ -58,7 +60,19 @@ def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, 
     with skip_init(), torch.device("meta"):
         model = cls.from_hf(config, head, set(plan), str(config_path))
     check_plan(model, plan, unexpected, checkpoint, spec)
-    state = {target: checkpoint.read(sources, dtype).to(device) for target, sources in plan.items()}
+    layers = set(quantization.check(model, quantize)) if quantize is not None else set()
+    params = {}                               # layer to quantize -> its tensors in the plan
+    for target in plan:
+        if target.rpartition(".")[0] in layers:
+            params.setdefault(target.rpartition(".")[0], []).append(target)
+    state, ready = {}, {}
+    for target, sources in plan.items():
+        state[target] = checkpoint.read(sources, dtype).to(device)
+        layer = target.rpartition(".")[0]
+        if layer in params and all(k in state for k in params[layer]):
+            # quantized as soon as its tensors are read: one float matrix at a time is ever in memory
+            ready[layer] = quantization.quantize_weight(quantize, state.pop(f"{layer}.weight"),
+                                                        state.pop(f"{layer}.bias", None), layer)
     model.load_state_dict(state, strict=False, assign=True)
     for target, source in model.tied().items():
         parent, _, attr = target.rpartition(".")
@@ -66,8 +80,9 @@ def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, 
         setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(src_parent), src_attr))
     model.source = folder
     model.generation = generation_defaults(folder, config) if cls.causal else {}    # encoders never read it
-    if quantize is not None:                  # integer weights from these tensors; the float ones are freed
-        quantization.quantize(model, quantize)
+    if quantize is not None:                  # the layers quantized above, and a tied LM head from the embedding
+        quantization.quantize(model, quantize, ready=ready)
+        release_freed_memory()                # the float matrices and temporaries freed above leave the process
     model.eval().set_attention(attn)
     if optimize:
         kernels.optimize(model)

@@ -42,6 +42,28 @@ def test_int8_weight_error_is_half_a_step():
     assert bool(((q.dequantize() - lin.weight).abs() <= step / 2 + 1e-7).all())
 
 
+def test_chunked_quantization_equals_whole_matrix_and_leaves_the_weight_alone():
+    """Layers taller than CHUNK_ROWS (an LM head) are quantized in row chunks: same codes and scales as the one-shot
+    formulas of the module docstring, the int4 packing of a ragged tail included; the float weight (a tied
+    embedding) is read, never written."""
+    from minibt.kernels import quantize as qz
+    torch.manual_seed(3)
+    w = torch.randn(qz.CHUNK_ROWS + 40, 64)
+    keep = w.clone()
+    q8, q4 = Int8Linear.from_weight(w), Int4Linear.from_weight(w)
+    assert torch.equal(w, keep)
+    scale = w.abs().amax(1).clamp(min=1e-12) / 127
+    assert torch.equal(q8.scale, scale)
+    assert torch.equal(q8.qweight, torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+    g = w.view(-1, 2, 32)
+    lo, hi = g.amin(-1), g.amax(-1)
+    s4 = ((hi - lo).clamp(min=1e-12) / 15).to(torch.bfloat16).float()
+    z4 = (lo + 8 * s4).to(torch.bfloat16).float()
+    codes = torch.round((g - z4[..., None]) / s4[..., None] + 8).clamp(0, 15).to(torch.int32).view(w.shape)
+    assert torch.equal(q4.codes()[:w.shape[0]], codes)
+    assert torch.equal(q4.dequantize(), ((codes.view(-1, 2, 32) - 8) * s4[..., None] + z4[..., None]).view(w.shape))
+
+
 def test_int4_group_rule():
     assert int4_group_size(576) == 32 and int4_group_size(1536, group_size=256) == 256
     assert int4_group_size(576, group_size=256) == 64 and int4_group_size(96, group_size=128) == 32

@@ -34,3 +34,16 @@ def keep_freed_memory() -> bool:
                 _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
                                 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
+
+
+def release_freed_memory() -> bool:
+    """Hand memory that is free inside glibc's heap back to the OS (malloc_trim(0)); the loader calls it after
+    quantizing, whose freed float matrices and temporaries would otherwise stay resident. Returns whether it ran."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    libc = ctypes.CDLL(name)
+    if not (hasattr(libc, "malloc_trim") and hasattr(libc, "gnu_get_libc_version")):              # glibc only
+        return False
+    libc.malloc_trim(0)
+    return True

@@ -24,7 +24,9 @@ inference"). Every route computes with bf16 activations and returns x's dtype:
   that saved), and fbgemm's `quantized.linear_dynamic` (fast, but per-tensor activation scales: all-MiniLM-L6-v2
   embeddings fell to a min cosine of 0.934 against fp32 on 600 real texts; this route gives 0.999).
 - int4, any number of rows: `torch._weight_int4pack_mm_for_cpu` with bf16 activations (fp32: ~15x slower).
-No full-precision copy of a quantized weight is kept: the loader's float tensors are freed as each layer is swapped.
+No full-precision copy of a quantized weight is kept: `from_hub(..., quantize=)` quantizes each layer as soon as its
+tensors are read (`check` first, then `quantize_weight`), so at most one float matrix is in memory at a time
+(plus the float embedding, which stays float).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from ..errors import MinibtError
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (256, 128, 64, 32)          # int4 group sizes the kernel takes
 GEMV_ROWS = 16                            # int8: up to this many rows, the weight-only integer kernel
+CHUNK_ROWS = 4096                         # rows quantized at a time (a multiple of the int4 packing's 64-row blocks)
 
 
 class QuantizeError(MinibtError):
@@ -102,12 +105,18 @@ class Int8Linear(QuantLinear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
-        w = linear.weight.detach().float().contiguous()
-        scale = w.abs().amax(1).clamp(min=1e-12) / 127
-        mod = cls(linear.in_features, linear.out_features, linear.bias)
-        mod.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        mod.scale = scale
-        mod.scale_bf16 = scale.to(torch.bfloat16)
+        return cls.from_weight(linear.weight, linear.bias)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias=None, where: str = "") -> "Int8Linear":
+        n, k = weight.shape
+        mod = cls(k, n, bias)
+        mod.qweight, mod.scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
+        for i in range(0, n, CHUNK_ROWS):                    # a few MB of float temporaries at a time
+            w = weight[i:i + CHUNK_ROWS].detach().float()
+            mod.scale[i:i + CHUNK_ROWS] = scale = w.abs().amax(1).clamp(min=1e-12) / 127
+            mod.qweight[i:i + CHUNK_ROWS] = torch.div(w, scale[:, None]).round_().clamp_(-127, 127)
+        mod.scale_bf16 = mod.scale.to(torch.bfloat16)
         return mod
 
     def dequantize(self, dtype=torch.float32):
@@ -135,15 +144,23 @@ class Int4Linear(QuantLinear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, where: str = "", group_size: int = 32) -> "Int4Linear":
-        n, k = linear.out_features, linear.in_features
+        return cls.from_weight(linear.weight, linear.bias, where, group_size)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias=None, where: str = "", group_size: int = 32) -> "Int4Linear":
+        n, k = weight.shape
         g = int4_group_size(k, where, group_size)
-        mod = cls(k, n, linear.bias, g)
-        w = F.pad(linear.weight.detach().float(), (0, 0, 0, mod.packed.shape[0] - n)).view(-1, k // g, g)
-        lo, hi = w.amin(-1), w.amax(-1)
-        scale = ((hi - lo).clamp(min=1e-12) / 15).to(torch.bfloat16).float()
-        zero = (lo + 8 * scale).to(torch.bfloat16).float()          # w = (q - 8) * scale + zero
-        q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32).view(-1, k)
-        mod.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        mod = cls(k, n, bias, g)
+        rows = mod.packed.shape[0]
+        scale, zero = torch.empty(rows, k // g), torch.empty(rows, k // g)
+        for i in range(0, rows, CHUNK_ROWS):                 # the packing is row-local in blocks of 64 rows
+            end = min(i + CHUNK_ROWS, rows)
+            w = F.pad(weight[i:end].detach().float(), (0, 0, 0, end - i - weight[i:end].shape[0])).view(-1, k // g, g)
+            lo, hi = w.amin(-1), w.amax(-1)
+            scale[i:end] = s = ((hi - lo).clamp(min=1e-12) / 15).to(torch.bfloat16).float()
+            zero[i:end] = z = (lo + 8 * s).to(torch.bfloat16).float()          # w = (q - 8) * scale + zero
+            q = torch.round((w - z[..., None]) / s[..., None] + 8).clamp(0, 15).to(torch.int32).view(-1, k)
+            mod.packed[i:end] = torch._convert_weight_to_int4pack_for_cpu(q, 1)
         mod.scale_zero = torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()
         return mod
 
@@ -193,10 +210,9 @@ def targets(model) -> list[str]:
             if isinstance(mod, nn.Linear) and (name.startswith("layers.") or name in heads)]
 
 
-def quantize(model, scheme: str, group_size: int = 32):
-    """Replace the target linear layers (see `targets`) by Int8Linear / Int4Linear, in place; returns the model.
-    group_size: int4 only (see the module docstring for the rule). Refuses (QuantizeError) before changing
-    anything if one layer cannot take the scheme."""
+def check(model, scheme: str, group_size: int = 32) -> list[str]:
+    """The names `quantize` would replace; QuantizeError if the scheme is unknown or one layer cannot take it.
+    Reads only shapes, so the loader asks before reading any weight."""
     if scheme not in SCHEMES:
         raise QuantizeError(f"quantize={scheme!r} is not a scheme minibt has; choose from {', '.join(SCHEMES)}")
     if getattr(model, "quantization", None):
@@ -205,12 +221,31 @@ def quantize(model, scheme: str, group_size: int = 32):
     if scheme == "int4":
         for name in names:
             int4_group_size(model.get_submodule(name).in_features, name, group_size)
+    return names
+
+
+def quantize_weight(scheme: str, weight: torch.Tensor, bias=None, where: str = "", group_size: int = 32):
+    """One layer's float weight (out, in) and bias -> its Int8Linear / Int4Linear."""
+    if scheme == "int8":
+        return Int8Linear.from_weight(weight, bias, where)
+    return Int4Linear.from_weight(weight, bias, where, group_size)
+
+
+def quantize(model, scheme: str, group_size: int = 32, ready: dict | None = None):
+    """Replace the target linear layers (see `targets`) by Int8Linear / Int4Linear, in place; returns the model.
+    group_size: int4 only (see the module docstring for the rule). Refuses (QuantizeError) before changing
+    anything if one layer cannot take the scheme. ready: layers the loader already quantized while reading the
+    checkpoint (name -> module), so that only one float matrix at a time was ever in memory."""
+    names = check(model, scheme, group_size)
+    ready = dict(ready or {})
     for name in names:
-        old = model.get_submodule(name)
-        new = Int8Linear.from_float(old) if scheme == "int8" else Int4Linear.from_float(old, name, group_size)
+        new = ready.pop(name, None)
+        if new is None:
+            old = model.get_submodule(name)
+            new = quantize_weight(scheme, old.weight, old.bias, name, group_size)
+            del old                                       # its float weight is freed (a tied one is the embedding's)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-        del old                                           # its float weight is freed (a tied one is the embedding's)
     model.quantization = {"scheme": scheme, "modules": names,
                           "group_sizes": {n: m.group_size for n, m in model.named_modules() if isinstance(m, Int4Linear)}}
     return model
