@@ -135,7 +135,7 @@ def main():
                 f"sentence-transformers encode, batch 32 ({d})":
                     lambda: st.encode(texts, batch_size=32, convert_to_tensor=True).float()}
         q8 = minibt.from_hub(folder, dtype=dtype, quantize="int8")
-        runs[f"minibt.embed, quantize='int8' ({d} model)"] = lambda q8=q8: minibt.embed(q8, tok, texts)
+        runs[f"minibt.embed, quantize='int8' ({d} model)"] = lambda q8=q8: minibt.embed(q8, tok, texts, keep_memory=True)
         if dtype == torch.float32:
             try:
                 import transformers

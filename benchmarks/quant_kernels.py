@@ -1,0 +1,105 @@
+"""How fast each one-token (decode) matmul kernel streams its weights from memory, on SmolLM2-135M's layer shapes.
+
+A batch-1 decode step multiplies one token by every weight once, so its floor is the weight bytes over the memory
+bandwidth. Here the 120 linear weights of SmolLM2's 30 layers are multiplied in turn, as in a decode step, so that
+each comes from memory (together they exceed the core-private caches; the machine's shared L3 may still hold some),
+and the same kernels are also timed on one weight reused (cache-hot). Rates are weight bytes read per second.
+
+Kernels: fp32 `x @ W^T` over column-major weights (what kernels/decode_linear.py uses), bf16 `torch.mv`,
+`torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` (what kernels/quantize.py uses, bf16 activations),
+fbgemm's `quantized.linear_dynamic` (int8 weights, activations quantized per call) and `torch._int_mm` (int8 x int8,
+the activation already quantized).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from _report import table, write_section
+
+SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]     # (in, out): qkv, out, gate_up, down
+
+
+def layers():
+    """Every kernel's operands for 30 layers of SmolLM2 shapes; random weights (speed does not depend on values)."""
+    from minibt.kernels.quantize import Int4Linear, Int8Linear
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for k, n in SHAPES * 30:
+        w = torch.randn(n, k, generator=g) * 0.05
+        q8, q4 = Int8Linear.from_weight(w), Int4Linear.from_weight(w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                           # quantized tensors are deprecated
+            qw = torch.quantize_per_channel(w, q8.scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+        out.append(dict(k=k, n=n, fp32=w.t().contiguous().t(), bf16=w.bfloat16(), q8=q8, q4=q4,
+                        fbgemm=torch.ops.quantized.linear_prepack(qw, None), i8=q8.qweight.t()))
+    return out
+
+
+KERNELS = {   # name -> (bytes per weight, call(layer, x fp32 (1, k), x bf16 (1, k), x int8 (1, k)))
+    "fp32 x @ W^T, column-major W": (4, lambda L, x, xb, xi: F.linear(x, L["fp32"])),
+    "bf16 torch.mv": (2, lambda L, x, xb, xi: torch.mv(L["bf16"], xb[0])),
+    "int8 torch._weight_int8pack_mm": (1, lambda L, x, xb, xi: torch._weight_int8pack_mm(xb, L["q8"].qweight,
+                                                                                           L["q8"].scale_bf16)),
+    "int4 torch._weight_int4pack_mm_for_cpu": (0.5, lambda L, x, xb, xi: torch._weight_int4pack_mm_for_cpu(
+        xb, L["q4"].packed, L["q4"].group_size, L["q4"].scale_zero)),
+    "int8 fbgemm quantized.linear_dynamic": (1, lambda L, x, xb, xi: torch.ops.quantized.linear_dynamic(
+        x, L["fbgemm"], True)),
+    "int8 x int8 torch._int_mm": (1, lambda L, x, xb, xi: torch._int_mm(xi, L["i8"])),
+}
+
+
+def rate(fn, ls, inputs, reps: int) -> float:
+    """Best of reps: weight bytes over seconds for one pass over ls."""
+    def one_pass():
+        for L in ls:
+            fn(L, *inputs[L["k"]])
+    one_pass()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        one_pass()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    ls = layers()
+    g = torch.Generator().manual_seed(1)
+    inputs = {k: (x := torch.randn(1, k, generator=g), x.bfloat16(), torch.randint(-127, 128, (1, k), generator=g,
+                                                                                    dtype=torch.int8))
+              for k in {k for k, _ in SHAPES}}
+    weights = sum(L["k"] * L["n"] for L in ls)
+    hot = [ls[2]] * len(ls)                                          # one gate_up weight, reused
+    hot_weights = ls[2]["k"] * ls[2]["n"] * len(hot)
+    rows = []
+    with torch.inference_mode():
+        for name, (size, fn) in KERNELS.items():
+            cold, warm = rate(fn, ls, inputs, args.reps), rate(fn, hot, inputs, args.reps)
+            rows.append([name, f"{weights * size / 2**20:.0f}", f"{cold * 1e3:.1f}",
+                         f"{weights * size / cold / 1e9:.1f}", f"{hot_weights * size / warm / 1e9:.1f}"])
+            print(rows[-1], flush=True)
+    a = torch.empty(64 << 20)                                        # 256 MiB: plain read bandwidth, for scale
+    a.fill_(1.0)
+    best = min(_time(lambda: a.sum()) for _ in range(args.reps))
+    body = (__doc__.split("\n\n", 1)[1].strip() + "\n\n"
+            + table(["kernel", "weights MiB", "ms for the 30 layers", "GB/s from memory", "GB/s cache-hot"], rows)
+            + f"\n\nPlain read bandwidth in this run (sum of a 256 MiB fp32 tensor): {a.numel() * 4 / best / 1e9:.1f} GB/s.")
+    write_section("quant_kernels", body)
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()
