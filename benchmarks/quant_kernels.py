@@ -88,10 +88,10 @@ def main():
             print(rows[-1], flush=True)
     a = torch.empty(64 << 20)                                        # 256 MiB: plain read bandwidth, for scale
     a.fill_(1.0)
-    best = min(_time(lambda: a.sum()) for _ in range(args.reps))
+    read = a.numel() * 4 / min(_time(lambda: a.sum()) for _ in range(args.reps)) / 1e9
     body = (__doc__.split("\n\n", 1)[1].strip() + "\n\n"
             + table(["kernel", "weights MiB", "ms for the 30 layers", "GB/s from memory", "GB/s cache-hot"], rows)
-            + f"\n\nPlain read bandwidth in this run (sum of a 256 MiB fp32 tensor): {a.numel() * 4 / best / 1e9:.1f} GB/s.")
+            + f"\n\nPlain read bandwidth in this run (sum of a 256 MiB fp32 tensor): {read:.1f} GB/s.")
     write_section("quant_kernels", body)
 
 

@@ -108,7 +108,7 @@ class Int8Linear(QuantLinear):
         return cls.from_weight(linear.weight, linear.bias)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias=None, where: str = "") -> "Int8Linear":
+    def from_weight(cls, weight: torch.Tensor, bias=None) -> "Int8Linear":
         n, k = weight.shape
         mod = cls(k, n, bias)
         mod.qweight, mod.scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
@@ -126,7 +126,8 @@ class Int8Linear(QuantLinear):
         if x.shape[0] <= GEMV_ROWS and self.in_features % 16 == 0:   # other widths: wrong sums or a crash
             y = torch._weight_int8pack_mm(x, self.qweight, self.scale_bf16.to(torch.bfloat16))
             return y if bias is None else y.add_(bias)
-        w = self.qweight.to(torch.bfloat16).mul_(self.scale_bf16.to(torch.bfloat16)[:, None])   # a transient bf16 weight, not kept
+        # a transient bf16 weight (int8 -> bf16 is exact), not kept
+        w = self.qweight.to(torch.bfloat16).mul_(self.scale_bf16.to(torch.bfloat16)[:, None])
         return F.linear(x, w, bias)
 
 
@@ -155,7 +156,8 @@ class Int4Linear(QuantLinear):
         scale, zero = torch.empty(rows, k // g), torch.empty(rows, k // g)
         for i in range(0, rows, CHUNK_ROWS):                 # the packing is row-local in blocks of 64 rows
             end = min(i + CHUNK_ROWS, rows)
-            w = F.pad(weight[i:end].detach().float(), (0, 0, 0, end - i - weight[i:end].shape[0])).view(-1, k // g, g)
+            w = weight[i:end].detach().float()
+            w = F.pad(w, (0, 0, 0, end - i - w.shape[0])).view(-1, k // g, g)      # zero rows pad to `rows`
             lo, hi = w.amin(-1), w.amax(-1)
             scale[i:end] = s = ((hi - lo).clamp(min=1e-12) / 15).to(torch.bfloat16).float()
             zero[i:end] = z = (lo + 8 * s).to(torch.bfloat16).float()          # w = (q - 8) * scale + zero
@@ -227,7 +229,7 @@ def check(model, scheme: str, group_size: int = 32) -> list[str]:
 def quantize_weight(scheme: str, weight: torch.Tensor, bias=None, where: str = "", group_size: int = 32):
     """One layer's float weight (out, in) and bias -> its Int8Linear / Int4Linear."""
     if scheme == "int8":
-        return Int8Linear.from_weight(weight, bias, where)
+        return Int8Linear.from_weight(weight, bias)
     return Int4Linear.from_weight(weight, bias, where, group_size)
 
 
