@@ -177,9 +177,9 @@ def load_variant(name: str):
                                                     min_new_tokens=n, do_sample=False, pad_token_id=2)
     if kind == "minibt":
         import minibt
-        scheme, _, dtype = what.rpartition(" ") if " " in what else (what, "", what)
-        model = minibt.from_hub(folder, quantize=scheme if scheme.startswith("int") else None,
-                                dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        parts = what.split()                             # "fp32" | "bf16" | "int8" | "int8 bf16" | ...
+        model = minibt.from_hub(folder, quantize=next((p for p in parts if p.startswith("int")), None),
+                                dtype=torch.bfloat16 if "bf16" in parts else torch.float32)
         return model, lambda ids, n: model.generate(ids, max_new_tokens=n, eos_token_id=[])
     import llama_cpp
     import numpy as np

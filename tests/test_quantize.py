@@ -24,7 +24,7 @@ CLASSES = {"int8": Int8Linear, "int4": Int4Linear}
 def test_linear_within_documented_error(scheme, dtype, rows):
     torch.manual_seed(0)
     lin = torch.nn.Linear(576, 960).to(dtype)
-    q = CLASSES[scheme].from_float(lin)
+    q = CLASSES[scheme].from_weight(lin.weight, lin.bias)
     x = torch.randn(2, rows, 576, dtype=dtype)
     ref, out = lin(x).float(), q(x)
     assert out.dtype == dtype and out.shape == (2, rows, 960)
@@ -37,7 +37,7 @@ def test_linear_within_documented_error(scheme, dtype, rows):
 def test_int8_weight_error_is_half_a_step():
     torch.manual_seed(1)
     lin = torch.nn.Linear(64, 48)
-    q = Int8Linear.from_float(lin)
+    q = Int8Linear.from_weight(lin.weight, lin.bias)
     step = lin.weight.abs().amax(1, keepdim=True) / 127
     assert bool(((q.dequantize() - lin.weight).abs() <= step / 2 + 1e-7).all())
 

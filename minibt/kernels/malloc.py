@@ -22,28 +22,28 @@ MMAP_THRESHOLD_MAX = 32 << 20                   # glibc's upper limit for M_MMAP
 _applied: bool | None = None
 
 
+def _glibc():
+    """The C library when it is glibc (mallopt / malloc_trim are glibc's), else None."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
+
+
 def keep_freed_memory() -> bool:
     """Blocks below 32 MiB come from the heap, and the heap is never trimmed. Returns whether it is in effect."""
     global _applied
     if _applied is None:
-        _applied = False
-        name = ctypes.util.find_library("c")
-        if name:
-            libc = ctypes.CDLL(name)
-            if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):       # glibc only
-                _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
-                                and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+        libc = _glibc()
+        _applied = libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+                                              and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
 
 
 def release_freed_memory() -> bool:
     """Hand memory that is free inside glibc's heap back to the OS (malloc_trim(0)); the loader calls it after
     quantizing, whose freed float matrices and temporaries would otherwise stay resident. Returns whether it ran."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    libc = ctypes.CDLL(name)
-    if not (hasattr(libc, "malloc_trim") and hasattr(libc, "gnu_get_libc_version")):              # glibc only
+    libc = _glibc()
+    if libc is None:
         return False
     libc.malloc_trim(0)
     return True

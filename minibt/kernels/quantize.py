@@ -104,10 +104,6 @@ class Int8Linear(QuantLinear):
         self.register_buffer("scale_bf16", torch.empty(out_features, dtype=torch.bfloat16), persistent=False)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
-        return cls.from_weight(linear.weight, linear.bias)
-
-    @classmethod
     def from_weight(cls, weight: torch.Tensor, bias=None) -> "Int8Linear":
         n, k = weight.shape
         mod = cls(k, n, bias)
@@ -142,10 +138,6 @@ class Int4Linear(QuantLinear):
         self.register_buffer("packed", torch.empty(rows, in_features // 2, dtype=torch.uint8))
         # (in / G, rows, 2): scale and zero of each group, the kernel's own layout
         self.register_buffer("scale_zero", torch.empty(in_features // group_size, rows, 2, dtype=torch.bfloat16))
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, where: str = "", group_size: int = 32) -> "Int4Linear":
-        return cls.from_weight(linear.weight, linear.bias, where, group_size)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias=None, where: str = "", group_size: int = 32) -> "Int4Linear":
