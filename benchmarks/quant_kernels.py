@@ -7,8 +7,9 @@ and the same kernels are also timed on one weight reused (cache-hot). Rates are 
 
 Kernels: fp32 `x @ W^T` over column-major weights (what kernels/decode_linear.py uses), bf16 `torch.mv`,
 `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` (what kernels/quantize.py uses, bf16 activations),
-fbgemm's `quantized.linear_dynamic` (int8 weights, activations quantized per call) and `torch._int_mm` (int8 x int8,
-the activation already quantized).
+fbgemm's `quantized.linear_dynamic` (int8 weights, activations quantized per call), oneDNN's
+`onednn.qlinear_pointwise` (what inductor's x86 int8 path calls; weights prepacked, the uint8 activation already
+quantized, so the row is the kernel alone) and `torch._int_mm` (int8 x int8, the activation already quantized).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def layers():
             warnings.simplefilter("ignore")                           # quantized tensors are deprecated
             qw = torch.quantize_per_channel(w, q8.scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
         out.append(dict(k=k, n=n, fp32=w.t().contiguous().t(), bf16=w.bfloat16(), q8=q8, q4=q4,
-                        fbgemm=torch.ops.quantized.linear_prepack(qw, None), i8=q8.qweight.t()))
+                        fbgemm=torch.ops.quantized.linear_prepack(qw, None), i8=q8.qweight.t(),
+                        onednn=torch.ops.onednn.qlinear_prepack(q8.qweight, [1, k]), zp=torch.zeros(n, dtype=torch.long)))
     return out
 
 
@@ -49,6 +51,9 @@ KERNELS = {   # name -> (bytes per weight, call(layer, x fp32 (1, k), x bf16 (1,
         xb, L["q4"].packed, L["q4"].group_size, L["q4"].scale_zero)),
     "int8 fbgemm quantized.linear_dynamic": (1, lambda L, x, xb, xi: torch.ops.quantized.linear_dynamic(
         x, L["fbgemm"], True)),
+    "int8 oneDNN qlinear_pointwise (uint8 activation)": (1, lambda L, x, xb, xi: torch.ops.onednn.qlinear_pointwise(
+        xi.view(torch.uint8), 0.01, 128, L["onednn"], L["q8"].scale, L["zp"], None, 1.0, 0, torch.float32, "none", [],
+        "")),
     "int8 x int8 torch._int_mm": (1, lambda L, x, xb, xi: torch._int_mm(xi, L["i8"])),
 }
 

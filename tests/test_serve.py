@@ -106,6 +106,31 @@ def test_openai_client_float_and_base64_equal_embed(minilm_server, mini):
     torch.testing.assert_close(torch.tensor([d.embedding for d in short.data]), want, atol=1e-5, rtol=0)
 
 
+def test_benchmark_load_generator_reads_what_httpx_reads(minilm_server):
+    """benchmarks/serve_load.py measures with its own small HTTP client (LeanClient): it must get the bytes and
+    statuses httpx gets, over one kept-alive connection, and an error status must come back, not be hidden."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    body = {"input": ["A man is eating food.", "Hi"], "model": "mini"}
+    want = httpx.post(minilm_server + "/embeddings", json=body, headers=AUTH, timeout=30)
+
+    async def go():
+        client, keyless = bench.LeanClient(AUTH), bench.LeanClient()
+        try:
+            first = await client.post(minilm_server + "/embeddings", body)
+            second = await client.post(minilm_server + "/embeddings", body)
+            opened = len(client.idle[minilm_server + "/embeddings"])
+            return first, second, opened, await keyless.post(minilm_server + "/embeddings", body)
+        finally:
+            await client.aclose()
+            await keyless.aclose()
+    first, second, opened, bad = asyncio.run(go())
+    assert first == second == (200, want.content) and opened == 1
+    assert bad[0] == 401 and json.loads(bad[1])["error_type"]
+
+
 def test_tei_routes(minilm_server, mini):
     model, tok = mini
     c = httpx.Client(base_url=minilm_server, headers=AUTH, timeout=60)

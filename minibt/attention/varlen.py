@@ -16,8 +16,9 @@ def varlen(q, k, v, *, mask: AttnMask, scale: float):
         # Decode steps read a padded KV cache with one query per row: nothing to unpad, so SDPA with the mask.
         return sdpa(q, k, v, mask=mask, scale=scale)
     gqa = q.shape[1] != k.shape[1]
-    # (1, Hq, T, D) viewed from a (1, T, Hq, D) buffer: the layer's transpose(1, 2).reshape(T, H) is then free
-    out = q.new_zeros(1, q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+    # (1, Hq, T, D) viewed from a (1, T, Hq, D) buffer: the layer's transpose(1, 2).reshape(T, H) is then free.
+    # Every token belongs to one run below, so every row is written: no need to zero it first.
+    out = q.new_empty(1, q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
     for start, count, length in mask.runs():
         # `count` sequences of the same length side by side: one batched call (B = count) instead of a loop
         def seqs(t):
