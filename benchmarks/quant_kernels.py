@@ -10,6 +10,10 @@ Kernels: fp32 `x @ W^T` over column-major weights (what kernels/decode_linear.py
 fbgemm's `quantized.linear_dynamic` (int8 weights, activations quantized per call), oneDNN's
 `onednn.qlinear_pointwise` (what inductor's x86 int8 path calls; weights prepacked, the uint8 activation already
 quantized, so the row is the kernel alone) and `torch._int_mm` (int8 x int8, the activation already quantized).
+
+A second table splits real SmolLM2-135M decode steps (batch 1, from_hub(..., quantize=), fp32 model) into the time
+inside the quantized linear modules, the part of it inside the integer kernel itself, and everything else (norms,
+RoPE, attention over the KV cache, residuals, argmax), timed with perf_counter around each call.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from _report import table, write_section
+from _report import table, test_module, write_section
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]     # (in, out): qkv, out, gate_up, down
 
@@ -72,6 +76,47 @@ def rate(fn, ls, inputs, reps: int) -> float:
     return best
 
 
+def step_split(scheme: str, steps: int = 40, skip: int = 5) -> list[str]:
+    """[scheme, ms per step, ms in the quantized linears, ms in their kernels, ms in the rest, linears per step]."""
+    import minibt
+    from minibt.kernels import quantize as Q
+    from minibt.models.kv_cache import KVCache
+    model = minibt.from_hub(test_module("smollm2_fixture").build_smollm2(), quantize=scheme)
+    spent = {"linear": 0.0, "kernel": 0.0, "calls": 0}
+    saved = {cls: (cls.forward, cls.mm) for cls in (Q.Int8Linear, Q.Int4Linear)}
+
+    def timed(key, fn):
+        def wrapper(*args):
+            t = time.perf_counter()
+            out = fn(*args)
+            spent[key] += time.perf_counter() - t
+            spent["calls"] += key == "linear"
+            return out
+        return wrapper
+    for cls, (forward, mm) in saved.items():
+        cls.forward, cls.mm = timed("linear", forward), timed("kernel", mm)
+    try:
+        with torch.inference_mode():
+            ids = torch.randint(100, 40000, (1, 64), generator=torch.Generator().manual_seed(0))
+            cache = KVCache.for_model(model, 1, 64 + steps)
+            nxt = model(ids, past_key_values=cache, last_only=True).logits[:, -1].argmax(-1)
+            mask, total = torch.ones(1, 65, dtype=torch.long), 0.0
+            for i in range(steps):
+                if i == skip:                                            # warm-up steps not counted
+                    spent.update(linear=0.0, kernel=0.0, calls=0)
+                    total = 0.0
+                t = time.perf_counter()
+                nxt = model(nxt[:, None], attention_mask=mask, past_key_values=cache, last_only=True).logits[:, -1].argmax(-1)
+                total += time.perf_counter() - t
+                mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+    finally:
+        for cls, (forward, mm) in saved.items():
+            cls.forward, cls.mm = forward, mm
+    n = steps - skip
+    return [scheme, f"{total / n * 1e3:.1f}", f"{spent['linear'] / n * 1e3:.1f}", f"{spent['kernel'] / n * 1e3:.1f}",
+            f"{(total - spent['linear']) / n * 1e3:.1f}", f"{spent['calls'] / n:.0f}"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -94,9 +139,15 @@ def main():
     a = torch.empty(64 << 20)                                        # 256 MiB: plain read bandwidth, for scale
     a.fill_(1.0)
     read = a.numel() * 4 / min(_time(lambda: a.sum()) for _ in range(args.reps)) / 1e9
+    split = [step_split(scheme) for scheme in ("int8", "int4")]
+    for row in split:
+        print(row, flush=True)
     body = (__doc__.split("\n\n", 1)[1].strip() + "\n\n"
             + table(["kernel", "weights MiB", "ms for the 30 layers", "GB/s from memory", "GB/s cache-hot"], rows)
-            + f"\n\nPlain read bandwidth in this run (sum of a 256 MiB fp32 tensor): {read:.1f} GB/s.")
+            + f"\n\nPlain read bandwidth in this run (sum of a 256 MiB fp32 tensor): {read:.1f} GB/s.\n\n"
+            + "Where a SmolLM2-135M decode step's time goes (batch 1, fp32 model, mean of 35 steps after 5 warm-up):\n\n"
+            + table(["scheme", "ms per step", "ms in quantized linears", "ms of it in the kernel", "ms in the rest",
+                     "linears per step"], split))
     write_section("quant_kernels", body)
 
 
