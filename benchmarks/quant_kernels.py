@@ -13,7 +13,8 @@ quantized, so the row is the kernel alone) and `torch._int_mm` (int8 x int8, the
 
 A second table splits real SmolLM2-135M decode steps (batch 1, from_hub(..., quantize=), fp32 model) into the time
 inside the quantized linear modules, the part of it inside the integer kernel itself, and everything else (norms,
-RoPE, attention over the KV cache, residuals, argmax), timed with perf_counter around each call.
+RoPE, attention over the KV cache, residuals, argmax), timed with perf_counter around each call; llama.cpp's whole
+decode step on the same model (llama-cpp-python, as in generate.py) is timed in the same run for scale.
 """
 from __future__ import annotations
 
@@ -113,8 +114,21 @@ def step_split(scheme: str, steps: int = 40, skip: int = 5) -> list[str]:
         for cls, (forward, mm) in saved.items():
             cls.forward, cls.mm = forward, mm
     n = steps - skip
-    return [scheme, f"{total / n * 1e3:.1f}", f"{spent['linear'] / n * 1e3:.1f}", f"{spent['kernel'] / n * 1e3:.1f}",
+    return [f"minibt {scheme}", f"{total / n * 1e3:.1f}", f"{spent['linear'] / n * 1e3:.1f}", f"{spent['kernel'] / n * 1e3:.1f}",
             f"{(total - spent['linear']) / n * 1e3:.1f}", f"{spent['calls'] / n:.0f}"]
+
+
+def llama_cpp_step(width: str, steps: int = 32, reps: int = 3) -> list[str] | None:
+    """llama.cpp's decode step on the SmolLM2 GGUF at `width` (Q8_0 / Q4_1), ms: (prompt + steps - prompt) / steps."""
+    import generate
+    if width not in generate.gguf_files():
+        return None
+    _, decode = generate.load_variant(f"llama.cpp {width}")
+    ids, _ = generate.prompts(1, 64)
+    decode(ids, 1)
+    one = min(_time(lambda: decode(ids, 1)) for _ in range(reps))
+    many = min(_time(lambda: decode(ids, 1 + steps)) for _ in range(reps))
+    return [f"llama.cpp {width} (whole step)", f"{(many - one) / steps * 1e3:.1f}", "", "", "", ""]
 
 
 def main():
@@ -140,13 +154,14 @@ def main():
     a.fill_(1.0)
     read = a.numel() * 4 / min(_time(lambda: a.sum()) for _ in range(args.reps)) / 1e9
     split = [step_split(scheme) for scheme in ("int8", "int4")]
+    split += [row for row in (llama_cpp_step("Q8_0"), llama_cpp_step("Q4_1")) if row]
     for row in split:
         print(row, flush=True)
     body = (__doc__.split("\n\n", 1)[1].strip() + "\n\n"
             + table(["kernel", "weights MiB", "ms for the 30 layers", "GB/s from memory", "GB/s cache-hot"], rows)
             + f"\n\nPlain read bandwidth in this run (sum of a 256 MiB fp32 tensor): {read:.1f} GB/s.\n\n"
             + "Where a SmolLM2-135M decode step's time goes (batch 1, fp32 model, mean of 35 steps after 5 warm-up):\n\n"
-            + table(["scheme", "ms per step", "ms in quantized linears", "ms of it in the kernel", "ms in the rest",
+            + table(["variant", "ms per step", "ms in quantized linears", "ms of it in the kernel", "ms in the rest",
                      "linears per step"], split))
     write_section("quant_kernels", body)
 
