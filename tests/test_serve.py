@@ -156,6 +156,7 @@ def test_tei_routes(minilm_server, mini):
     assert [t["text"] for t in toks[0]] == ["[CLS]", "hello", "world", "[SEP]"] and toks[0][1]["start"] == 0
     info = c.get("/info").json()
     assert info["max_input_length"] == 256 and info["model_type"]["embedding"]["pooling"] == "mean"
+    assert info["quantization"] is None and info["model_dtype"] == "float32"
     assert c.get("/v1/models").json()["data"][0]["id"] == "mini"
     assert c.get("/health").status_code == 200
     metrics = c.get("/metrics").text
@@ -180,6 +181,13 @@ BAD = [  # (route, body as bytes or JSON, status, words the message must name)
     ("/v1/embeddings", {"input": [[101, 102]]}, 422, "token ids"),
     ("/embed", b'{"inputs": "' + b"a" * 2_000_001 + b'"}', 413, "2000000-byte limit"),
     ("/rerank", {"query": "q", "texts": ["a"]}, 400, "sequence-classification"),
+    ("/embed", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 422, "not valid JSON"),   # nested too deep
+    ("/tokenize", b'{"inputs": "\\ud800"}', 422, "`inputs`"),          # a lone surrogate: the tokenizer refuses it
+    ("/embed", b'{"inputs": "\\ud800"}', 422, "`inputs`"),
+    ("/embed", {"inputs": "a", "truncation_direction": False}, 422, "truncation_direction"),
+    ("/v1/embeddings", {"input": "a", "encoding_format": ""}, 422, "encoding_format"),
+    ("/v1/embeddings", {"input": [True]}, 422, "`input`"),
+    ("/nowhere", {"inputs": "a"}, 404, "/nowhere"),
 ]
 
 
@@ -190,10 +198,60 @@ def test_bad_requests_answered_and_server_keeps_serving(minilm_server, route, bo
     assert r.status_code == status, r.text
     err = r.json()
     assert set(err) == {"error", "error_type"} and words in err["error"], err
+    assert "site-packages" not in err["error"]                  # no server paths in answers
     assert c.post("/embed", json={"inputs": "still here"}).status_code == 200
 
 
+def test_bad_dimensions_cost_no_forward_and_wrong_method_is_json(minilm_server):
+    c = httpx.Client(base_url=minilm_server, headers=AUTH, timeout=60)
+
+    def batches():
+        line = next(x for x in c.get("/metrics").text.splitlines() if x.startswith("minibt_batches_total"))
+        return float(line.split()[1])
+    before = batches()
+    for route, body in (("/embed", {"inputs": ["a"] * 32, "dimensions": 0}),
+                        ("/v1/embeddings", {"input": ["a"] * 32, "dimensions": 9999})):
+        r = c.post(route, json=body)
+        assert r.status_code == 422 and "`dimensions`" in r.json()["error"]
+    assert batches() == before                                   # refused before anything was queued
+    r = c.get("/embed")
+    assert r.status_code == 405 and r.json()["error_type"] == "MethodNotAllowed"
+
+
+def test_stalled_and_vanishing_bodies_are_bounded(minilm):
+    """A client that stops mid-body gets 408 after --body-timeout (and cannot hold up a SIGTERM drain); one that
+    disconnects mid-body costs nothing; the server answers everyone else throughout."""
+    with server("--model", minilm, "--body-timeout", 1) as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        head = b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+        gone = socket.create_connection(("127.0.0.1", port))
+        gone.sendall(head + b'{"inputs": ')
+        gone.close()
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(head + b'{"inputs": ')
+        stalled.settimeout(10)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            reply += stalled.recv(4096)
+        status, body = reply.split(b"\r\n", 1)[0], json.loads(reply.split(b"\r\n\r\n", 1)[1])
+        assert status.startswith(b"HTTP/1.1 408") and body["error_type"] == "Timeout" and "1 s" in body["error"]
+        stalled.close()
+        again = socket.create_connection(("127.0.0.1", port))   # stalls too, then SIGTERM: the drain is bounded
+        again.sendall(head + b'{"inputs": ')
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        assert time.monotonic() - t0 < 15
+        again.close()
+        log = proc.stdout.read()
+        assert "ClientDisconnect" not in log and "Traceback" not in log, log
+
+
 def test_api_key(minilm_server):
+    for scheme in ("bearer", "BEARER", "Bearer "):                              # the scheme is case-insensitive
+        r = httpx.post(minilm_server + "/embed", json={"inputs": "a"}, headers={"Authorization": f"{scheme} {KEY}"})
+        assert r.status_code == 200, r.text
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         r = httpx.post(minilm_server + "/embed", json={"inputs": "a"}, headers=headers)
         assert r.status_code == 401 and r.json()["error_type"] == "Unauthorized" and "--api-key" in r.json()["error"]

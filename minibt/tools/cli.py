@@ -401,6 +401,8 @@ def serve_args(p):
     p.add_argument("--auto-truncate", action="store_true",
                    help="cut inputs longer than the model takes instead of answering 413")
     p.add_argument("--model-id", default=None, help="name reported in /info and OpenAI answers")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its whole request body (408 after; default %(default)s)")
 
 
 def serve_run(args):

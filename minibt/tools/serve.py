@@ -14,6 +14,7 @@ import asyncio
 import base64
 import hmac
 import json
+import logging
 import queue
 import threading
 import time
@@ -26,7 +27,9 @@ import torch.nn.functional as F
 from ..embed import Recipe, pool, token_batches
 from ..errors import ConfigError, MinibtError
 
+log = logging.getLogger("minibt.serve")
 PAYLOAD_LIMIT = 2_000_000            # bytes, as TEI
+BODY_TIMEOUT = 30.0                  # seconds for a client to send its whole request body (408 after)
 
 
 try:
@@ -160,7 +163,7 @@ class Service:
     """Routes, validation and bookkeeping around one Worker."""
 
     def __init__(self, model, tok, *, max_batch_tokens, max_client_batch_size, max_concurrent_requests, api_key,
-                 auto_truncate, model_id, payload_limit):
+                 auto_truncate, model_id, payload_limit, body_timeout=BODY_TIMEOUT):
         if model.head not in ("base", "sequence-classification"):
             raise ConfigError(f"minibt serve serves sentence embeddings (head='base') and cross-encoders "
                               f"(head='sequence-classification'), not head={model.head!r}: load it with head='base'")
@@ -175,11 +178,12 @@ class Service:
         self.width = model.config.hidden_size if self.kind == "embed" else len(self.labels or [0, 1])
         self.model_id = model_id or (folder.name if folder else "minibt")
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.quantization = (getattr(model, "quantization", None) or {}).get("scheme")     # "int8" | "int4" | None
         self.attn = getattr(model, "attn", None)
         self.tok = tok
         self.max_batch_tokens, self.max_client_batch_size = max_batch_tokens, max_client_batch_size
         self.max_concurrent_requests, self.api_key = max_concurrent_requests, api_key
-        self.auto_truncate, self.payload_limit = auto_truncate, payload_limit
+        self.auto_truncate, self.payload_limit, self.body_timeout = auto_truncate, payload_limit, body_timeout
         self.worker = Worker(model, tok, self.kind, self.recipe, self.width, max_batch_tokens)
         self.in_flight = 0
         self.answers = Counter()          # (route, status) -> count
@@ -206,7 +210,15 @@ class Service:
                "/models": self.models}
         routes = [Route(p, self._wrap(p, fn), methods=["POST"]) for p, fn in post.items()]
         routes += [Route(p, self._wrap(p, fn, body=False), methods=["GET"]) for p, fn in get.items()]
-        return Starlette(routes=routes, lifespan=lifespan)
+
+        async def http_error(request, exc):          # 404 / 405 in the same {"error", "error_type"} shape
+            from starlette.responses import JSONResponse
+            kinds = {404: "NotFound", 405: "MethodNotAllowed"}
+            return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}",
+                                 "error_type": kinds.get(exc.status_code, "Validation")}, status_code=exc.status_code,
+                                headers=getattr(exc, "headers", None))
+        from starlette.exceptions import HTTPException
+        return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
     def _wrap(self, route, fn, body=True):
         from starlette.responses import Response
@@ -221,6 +233,9 @@ class Service:
                 status = 200
             except ApiError as e:
                 status, out = e.status, {"error": e.message, "error_type": e.kind}
+            except Exception as e:       # noqa: BLE001 - a bug of ours: a counted JSON 500, the traceback logged
+                log.exception("minibt serve: %s failed", route)
+                status, out = 500, {"error": f"internal error: {type(e).__name__}", "error_type": "Internal"}
             self.answers[route, status] += 1
             headers = {k: f"{v * 1e3:.3f}" for k, v in timing.items()}
             headers["x-compute-time"] = f"{(time.perf_counter() - t0) * 1e3:.3f}"
@@ -233,25 +248,35 @@ class Service:
     def _authorise(self, request):
         if self.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
                                 "key given to --api-key", "Unauthorized")
 
     async def _json(self, request):
+        from starlette.requests import ClientDisconnect
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.payload_limit:
             raise ApiError(413, f"payload is {declared} bytes, over the {self.payload_limit}-byte limit")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.payload_limit:
-                raise ApiError(413, f"payload is over the {self.payload_limit}-byte limit")
-            chunks.append(chunk)
+
+        async def read():
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.payload_limit:
+                    raise ApiError(413, f"payload is over the {self.payload_limit}-byte limit")
+                chunks.append(chunk)
+            return b"".join(chunks)
+        try:   # a stalled or vanished client neither holds a connection forever nor delays a SIGTERM drain
+            raw = await asyncio.wait_for(read(), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s", "Timeout") from None
+        except ClientDisconnect:
+            raise ApiError(400, "the client disconnected before sending the whole request body") from None
         try:
-            body = json.loads(b"".join(chunks))
-        except ValueError as e:
-            raise ApiError(422, f"request body is not valid JSON: {e}") from None
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as e:       # RecursionError: arrays or objects nested too deep
+            raise ApiError(422, f"request body is not valid JSON: {str(e) or type(e).__name__}") from None
         if not isinstance(body, dict):
             raise ApiError(422, f"request body must be a JSON object, not {type(body).__name__}")
         return body
@@ -261,11 +286,15 @@ class Service:
             what = {"embed": "a sentence-embedding model", "classify": "a sequence-classification model (cross-encoder)"}
             raise ApiError(400, f"{route} needs {what[kind]}; this server runs {self.model_id}, {what[self.kind]}")
 
-    async def _run(self, encs, timing):
-        """Queue one request's encodings; its rows come back in order: (N, H) pooled vectors or (N, labels) logits."""
+    def _admit(self):
+        """429 before any work when --max-concurrent-requests are already in flight."""
         if self.in_flight >= self.max_concurrent_requests:
             raise ApiError(429, f"model is overloaded: {self.in_flight} requests in flight "
                                 f"(--max-concurrent-requests {self.max_concurrent_requests})", "Overloaded")
+
+    async def _run(self, encs, timing):
+        """Queue one request's encodings; its rows come back in order: (N, H) pooled vectors or (N, labels) logits."""
+        self._admit()
         if not self.worker.thread.is_alive():
             raise ApiError(503, "the model worker is not running", "Unhealthy")
         loop = asyncio.get_running_loop()
@@ -317,23 +346,19 @@ class Service:
         """Token ids for texts (strings or (query, text) pairs); too long: truncate if asked, else 413."""
         t0 = time.perf_counter()
         truncate = self._flag(body, "truncate", self.auto_truncate)
-        direction = body.get("truncation_direction") or "right"
+        direction = body.get("truncation_direction", "right")
+        direction = "right" if direction is None else direction
         if not isinstance(direction, str) or direction.lower() not in ("left", "right"):
             raise ApiError(422, f"`truncation_direction` must be \"Left\" or \"Right\", not {json.dumps(direction)}")
         if self.recipe.lowercase:
             texts = [t.lower() if isinstance(t, str) else tuple(x.lower() for x in t) for t in texts]
-        try:
-            encs = self.tok.encode(texts)
-            long = [i for i, e in enumerate(encs) if len(e.ids) > self.limit]
-            if long and truncate:
-                cut = self.tok.encode([texts[i] for i in long], truncation=True, max_length=self.limit,
-                                      direction=direction.lower())
-                for i, e in zip(long, cut):
-                    encs[i] = e
-        except MinibtError as e:
-            raise ApiError(422, str(e), "Tokenizer") from None
-        except Exception as e:          # noqa: BLE001 - the tokenizers library raises its own types
-            raise ApiError(422, f"tokenizer failed on `{name}`: {e}", "Tokenizer") from None
+        encs = self._tokens(texts, name)
+        long = [i for i, e in enumerate(encs) if len(e.ids) > self.limit]
+        if long and truncate:
+            cut = self._tokens([texts[i] for i in long], name, truncation=True, max_length=self.limit,
+                               direction=direction.lower())
+            for i, e in zip(long, cut):
+                encs[i] = e
         if long and not truncate:
             i = long[0]
             raise ApiError(413, f"`{name}[{i}]` is {len(encs[i].ids)} tokens long; this model takes at most "
@@ -342,14 +367,27 @@ class Service:
         timing["x-tokenization-time"] = time.perf_counter() - t0
         return encs
 
-    def _dimensions(self, body, vecs, normalized: bool):
-        """Matryoshka: the first `dimensions` values, unit length again if the vectors were."""
+    def _tokens(self, texts, name, **kwargs):
+        """tok.encode with its failures answered 422, naming the field (and not the server's folders)."""
+        try:
+            return self.tok.encode(texts, **kwargs)
+        except Exception as e:          # noqa: BLE001 - InputError, or the tokenizers library's own types
+            detail = str(e).removeprefix(f"{self.tok.folder}: ")
+            raise ApiError(422, f"`{name}`: {detail}", "Tokenizer") from None
+
+    def _dimensions(self, body):
+        """`dimensions` checked before any work: an int in 1..width, or None."""
         dims = body.get("dimensions")
-        if dims is None:
-            return vecs
-        if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= self.width:
+        if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= self.width):
             raise ApiError(422, f"`dimensions` must be an integer from 1 to {self.width} (this model's width), "
                                 f"not {json.dumps(dims)}")
+        return dims
+
+    @staticmethod
+    def _truncated(vecs, dims, normalized: bool):
+        """Matryoshka: the first `dims` values, unit length again if the vectors were."""
+        if dims is None:
+            return vecs
         return F.normalize(vecs[:, :dims], dim=-1) if normalized else vecs[:, :dims]
 
     def _scores(self, logits, raw: bool):
@@ -366,24 +404,30 @@ class Service:
             raise ApiError(422, "`prompt_name` is not supported by minibt serve: put the prompt in the text")
         texts, _ = self._texts(body, "inputs")
         normalize = self._flag(body, "normalize", self.recipe.normalize)
+        dims = self._dimensions(body)
+        self._admit()
         vecs = await self._run(self._encode(body, texts, "inputs", timing), timing)
         vecs = F.normalize(vecs, dim=-1) if normalize else vecs
-        return rows(self._dimensions(body, vecs, normalize))
+        return rows(self._truncated(vecs, dims, normalize))
 
     async def openai_embeddings(self, body, timing):
         """OpenAI: {input, model, encoding_format, dimensions} -> {object: list, data, model, usage}"""
         self._need("embed", "/v1/embeddings")
         value = body.get("input")
-        if isinstance(value, list) and value and all(isinstance(t, (int, list)) for t in value):
+        if isinstance(value, list) and value and all(isinstance(t, list) or isinstance(t, int) and not isinstance(t, bool)
+                                                     for t in value):
             raise ApiError(422, "`input` as token ids is not supported: send the texts")
         texts, _ = self._texts(body, "input")
-        fmt = body.get("encoding_format") or "float"
+        fmt = body.get("encoding_format", "float")
+        fmt = "float" if fmt is None else fmt
         if fmt not in ("float", "base64"):
             raise ApiError(422, f"`encoding_format` must be \"float\" or \"base64\", not {json.dumps(fmt)}")
+        dims = self._dimensions(body)
+        self._admit()
         encs = self._encode(body, texts, "input", timing)
         vecs = await self._run(encs, timing)
         vecs = F.normalize(vecs, dim=-1) if self.recipe.normalize else vecs
-        vecs = self._dimensions(body, vecs, self.recipe.normalize)
+        vecs = self._truncated(vecs, dims, self.recipe.normalize)
         if fmt == "base64":
             data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vecs]
         else:
@@ -452,7 +496,7 @@ class Service:
         """TEI: {inputs, add_special_tokens} -> [[{id, text, special, start, stop}]]"""
         texts, _ = self._texts(body, "inputs")
         special = self._flag(body, "add_special_tokens", True)
-        encs = self.tok.encode(texts, add_special_tokens=special)
+        encs = self._tokens(texts, "inputs", add_special_tokens=special)
         return [[{"id": i, "text": t, "special": bool(s), "start": None if s else a, "stop": None if s else b}
                  for i, t, s, (a, b) in zip(e.ids, e.tokens, e.special_tokens_mask, e.offsets)] for e in encs]
 
@@ -470,6 +514,7 @@ class Service:
             model_type = {"reranker" if self.width == 1 else "classifier": {
                 "id2label": {str(i): v for i, v in enumerate(labels)}, "label2id": {v: k for k, v in enumerate(labels)}}}
         return {"model_id": self.model_id, "model_sha": None, "model_dtype": self.dtype, "model_type": model_type,
+                "quantization": self.quantization,
                 "backend": "minibt", "attn": self.attn, "max_input_length": self.limit,
                 "max_batch_tokens": self.max_batch_tokens, "max_client_batch_size": self.max_client_batch_size,
                 "max_concurrent_requests": self.max_concurrent_requests, "auto_truncate": self.auto_truncate,
@@ -501,12 +546,12 @@ class Service:
 
 def app(model, tokenizer, *, max_batch_tokens: int = 16384, max_client_batch_size: int = 32,
         max_concurrent_requests: int = 512, api_key: str | None = None, auto_truncate: bool = False,
-        model_id: str | None = None, payload_limit: int = PAYLOAD_LIMIT):
+        model_id: str | None = None, payload_limit: int = PAYLOAD_LIMIT, body_timeout: float = BODY_TIMEOUT):
     """The ASGI app (Starlette) serving `model`: embeddings for head="base", /rerank and /predict for
     head="sequence-classification". Its lifespan starts and stops the worker thread."""
     return Service(model, tokenizer, max_batch_tokens=max_batch_tokens, max_client_batch_size=max_client_batch_size,
                    max_concurrent_requests=max_concurrent_requests, api_key=api_key, auto_truncate=auto_truncate,
-                   model_id=model_id, payload_limit=payload_limit).asgi()
+                   model_id=model_id, payload_limit=payload_limit, body_timeout=body_timeout).asgi()
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -530,7 +575,7 @@ def run(args) -> None:
     model_id = args.model_id or (str(args.model) if args.model else "sentence-transformers/all-MiniLM-L6-v2")
     asgi = app(model, tok, max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
                max_concurrent_requests=args.max_concurrent_requests, api_key=args.api_key,
-               auto_truncate=args.auto_truncate, model_id=model_id)
+               auto_truncate=args.auto_truncate, model_id=model_id, body_timeout=args.body_timeout)
     print(f"minibt serve: {model_id} ({head}) on http://{args.host}:{args.port}", flush=True)
     # SIGTERM/SIGINT: uvicorn stops accepting, answers every request it has accepted, then runs the lifespan's end.
     uvicorn.run(asgi, host=args.host, port=args.port, log_level="warning", access_log=False,
