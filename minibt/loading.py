@@ -43,8 +43,17 @@ def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, 
     from .models import MODEL_TYPES
     folder = resolve(name_or_path, revision)
     if (folder / quantization.QUANTIZED_FILE).is_file():        # written by save_quantized: its own small plan
-        model = quantization.load_quantized(folder, attn=attn, device=device, expect=quantize)
-        return kernels.optimize(model) if optimize else model
+        if quantize is not None and quantize not in quantization.SCHEMES:
+            quantization.check(None, quantize)                     # names the valid schemes
+        model = quantization.load_quantized(folder, attn=attn, device=device, expect=quantize,
+                                            dtype=None if dtype is None else pick_dtype(dtype, {}, device),
+                                            head=None if head == "auto" else head)
+        if optimize:
+            kernels.optimize(model)
+        if compile:
+            from .kernels import compile as compile_transform
+            compile_transform.apply(model)
+        return model
     config_path = inside(folder, "config.json")
     config = read_json(config_path, required=True)
     model_type = config.get("model_type")

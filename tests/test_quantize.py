@@ -180,6 +180,101 @@ def test_save_load_bit_identical_and_manifest_checks(tmp_path):
         minibt.from_hub(tmp_path / "int4")
 
 
+def _tiny_llama(folder, **kw):
+    import transformers
+    torch.manual_seed(5)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, max_position_embeddings=64, **kw)).eval().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_bf16_quantized_round_trip_and_load_arguments(tmp_path, scheme):
+    """A bf16 quantized model (what the README recommends) saves and loads back bit-identically; a saved folder loads
+    as saved: another dtype or head is refused by name, not silently ignored; compile= still applies."""
+    fp = _tiny_llama(tmp_path / "fp", tie_word_embeddings=True)
+    model = minibt.from_hub(fp, quantize=scheme, dtype=torch.bfloat16)
+    back = minibt.from_hub(save_quantized(model, tmp_path / "q"))
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    ids, mask = left_padded(99, 0)
+    assert torch.equal(model(ids, attention_mask=mask).logits, back(ids, attention_mask=mask).logits)
+    assert minibt.from_hub(tmp_path / "q", dtype="bfloat16").quantization["scheme"] == scheme
+    with pytest.raises(QuantizeError, match="dtype bfloat16; dtype=float32 was asked"):
+        minibt.from_hub(tmp_path / "q", dtype=torch.float32)
+    with pytest.raises(QuantizeError, match="head causal-lm; head=base"):
+        minibt.from_hub(tmp_path / "q", head="base")
+    with pytest.raises(QuantizeError, match="'int5' is not a scheme"):
+        minibt.from_hub(tmp_path / "q", quantize="int5")
+    with pytest.raises(QuantizeError, match="the folder this model was loaded from"):
+        save_quantized(back, tmp_path / "q")                           # nothing written over the source
+    with pytest.raises(QuantizeError, match="the folder this model was loaded from"):
+        save_quantized(minibt.from_hub(fp, quantize=scheme), fp)
+    assert not (fp / QUANTIZED_FILE).exists()
+
+
+def test_fp16_model_keeps_fp16_through_quantized_linears(tmp_path):
+    fp = _tiny_llama(tmp_path / "fp", attention_bias=True, mlp_bias=True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                 # the fp16-on-CPU speed warning
+        model = minibt.from_hub(fp, quantize="int8", dtype=torch.float16)
+    ids, mask = left_padded(99, 0)
+    out = model(ids, attention_mask=mask).logits
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_load_state_dict_refreshes_the_int8_kernel_scales(tmp_path):
+    a = minibt.from_hub(_tiny_llama(tmp_path / "a"), quantize="int8")
+    import transformers
+    torch.manual_seed(6)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=99, max_position_embeddings=64)).eval().save_pretrained(tmp_path / "b", safe_serialization=True)
+    b = minibt.from_hub(tmp_path / "b", quantize="int8")
+    a.load_state_dict(b.state_dict())
+    ids, mask = left_padded(99, 0)
+    assert torch.equal(a(ids, attention_mask=mask).logits, b(ids, attention_mask=mask).logits)
+
+
+def _edit(path, change_manifest=None, change_tensors=None):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(path, framework="pt") as f:
+        manifest = json.loads(f.metadata()["minibt"])
+    tensors = load_file(path)
+    if change_manifest:
+        change_manifest(manifest)
+    if change_tensors:
+        change_tensors(tensors)
+    save_file(tensors, path, metadata={"minibt": json.dumps(manifest)})
+
+
+TAMPER = [   # (scheme, manifest edit, tensor edit, words of the error)
+    ("int8", lambda m: m.update(dtype="foo"), None, "dtype 'foo'"),
+    ("int8", lambda m: m.pop("config_hash"), None, "'config_hash' is missing"),
+    ("int8", lambda m: m.update(modules=None), None, "'modules' is missing"),
+    ("int4", lambda m: m["group_sizes"].popitem(), None, "'group_sizes'"),
+    ("int4", lambda m: m["group_sizes"].update({k: "32" for k in m["group_sizes"]}), None, "'group_sizes'"),
+    ("int8", lambda m: m.update(aliases={"layers.0.mlp.down.qweight": "layers.1.mlp.down.qweight"}), None,
+     "name tensors the file also holds"),
+    ("int8", lambda m: m.update(aliases={"lm_head.weight": "nope"}), None, "does not hold"),
+    ("int4", None, lambda t: t.update({"layers.0.mlp.down.codes": t["layers.0.mlp.down.codes"].view(torch.int8)}),
+     "torch.int8"),
+    ("int4", None, lambda t: t.update({"layers.0.mlp.down.codes": t["layers.0.mlp.down.codes"][None]}), "codes is (1,"),
+    ("int4", None, lambda t: t.update({"layers.0.mlp.down.packed": t.pop("layers.0.mlp.down.codes")}), "kernel layout"),
+]
+
+
+@pytest.mark.parametrize("scheme,manifest,tensors,words", TAMPER, ids=[t[3][:20] for t in TAMPER])
+def test_tampered_quantized_files_are_refused_by_name(tmp_path, scheme, manifest, tensors, words):
+    out = save_quantized(minibt.from_hub(_tiny_llama(tmp_path / "fp"), quantize=scheme), tmp_path / "q")
+    _edit(out / QUANTIZED_FILE, manifest, tensors)
+    with pytest.raises(QuantizeError, match=__import__("re").escape(words)):
+        minibt.from_hub(out)
+
+
 # ---------------------------------------------------------------------------------------------- real models
 
 def stdlib_corpus(n: int, seed: int = 0) -> list[str]:
@@ -254,6 +349,8 @@ def test_audit_quantized_and_audit_on_a_quantized_model(tiny):
     assert r4.rows[-1]["rel"] > r8.rows[-1]["rel"]                    # int4 drifts more than int8
     assert "| output |" in r8.table()
     assert audit_quantized(fp, fp, inputs).rows[-1]["abs"] == 0
+    with pytest.raises(minibt.errors.InputError, match="no full-precision reference"):
+        audit_quantized(q8, q8, inputs)                              # e.g. a saved quantized folder loaded twice
     res = audit(q8, inputs, ["naive", "sdpa", "varlen"])            # the backend audit still runs, fp64 reference
     assert set(res.summary) == {"naive", "sdpa", "varlen"} and all(s["max_rel"] < 5e-2 for s in res.summary.values())
 

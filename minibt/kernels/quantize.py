@@ -80,7 +80,7 @@ class QuantLinear(nn.Module):
         y = self.mm(x2, self.bias if same else None)               # (rows, out) bf16
         if self.bias is not None and not same:
             y = torch.add(self.bias, y)             # one pass: the bias added in x's dtype, the cast included
-        elif y.dtype != x.dtype:
+        if y.dtype != x.dtype:                      # (fp16: bias + bf16 promotes to fp32)
             y = y.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -102,6 +102,8 @@ class Int8Linear(QuantLinear):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
         self.register_buffer("scale_bf16", torch.empty(out_features, dtype=torch.bfloat16), persistent=False)
+        # the kernel's bf16 copy of `scale` is not saved: remade whenever a state dict is loaded
+        self.register_load_state_dict_post_hook(lambda mod, _: setattr(mod, "scale_bf16", mod.scale.to(torch.bfloat16)))
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias=None) -> "Int8Linear":
@@ -209,6 +211,8 @@ def check(model, scheme: str, group_size: int = 32) -> list[str]:
     Reads only shapes, so the loader asks before reading any weight."""
     if scheme not in SCHEMES:
         raise QuantizeError(f"quantize={scheme!r} is not a scheme minibt has; choose from {', '.join(SCHEMES)}")
+    if model is None:
+        return []
     if getattr(model, "quantization", None):
         raise QuantizeError(f"this model is already quantized ({model.quantization['scheme']})")
     names = targets(model)
@@ -270,7 +274,13 @@ def save_quantized(model, folder):
     from ..hub import ALLOW
     if not getattr(model, "quantization", None):
         raise QuantizeError("save_quantized: this model is not quantized; call quantize(model, 'int8') first")
+    if getattr(model, "source", None) is None:
+        raise QuantizeError("save_quantized: the model has no source folder (model.source) to copy config.json and "
+                            "the tokenizer from; load it with minibt.from_hub")
     folder = Path(folder)
+    if folder.exists() and folder.resolve() == Path(model.source).resolve():
+        raise QuantizeError(f"save_quantized: {folder} is the folder this model was loaded from; save it to a new "
+                            "folder (the quantized file would shadow the full-precision checkpoint there)")
     folder.mkdir(parents=True, exist_ok=True)
     config = read_json(Path(model.source) / "config.json", required=True)
     tensors, seen = {}, {}
@@ -315,13 +325,28 @@ def read_manifest(meta: dict, path) -> dict:
                             f"this minibt reads {FORMAT!r} version {VERSION}")
     if manifest.get("scheme") not in SCHEMES:
         raise QuantizeError(f"{path}: manifest scheme {manifest.get('scheme')!r} is not one of {', '.join(SCHEMES)}")
+    fields = {"family": str, "head": str, "config_hash": str, "dtype": str, "modules": list, "group_sizes": dict,
+              "aliases": dict}
+    for key, kind in fields.items():
+        if not isinstance(manifest.get(key), kind):
+            raise QuantizeError(f"{path}: manifest field {key!r} is missing or not a {kind.__name__}")
+    dtype = getattr(torch, manifest["dtype"], None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise QuantizeError(f"{path}: manifest dtype {manifest['dtype']!r} is not a floating-point torch dtype")
+    if not all(isinstance(m, str) for m in manifest["modules"]) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in manifest["aliases"].items()):
+        raise QuantizeError(f"{path}: manifest 'modules' must list names and 'aliases' map names to names")
+    if manifest["scheme"] == "int4" and (set(manifest["group_sizes"]) != set(manifest["modules"]) or any(
+            v not in GROUP_SIZES for v in manifest["group_sizes"].values())):
+        raise QuantizeError(f"{path}: manifest 'group_sizes' must give every module one of "
+                            f"{', '.join(map(str, GROUP_SIZES))}")
     return manifest
 
 
-def load_quantized(folder, attn: str = "auto", device="cpu", expect: str | None = None):
+def load_quantized(folder, attn: str = "auto", device="cpu", expect: str | None = None, dtype=None, head=None):
     """A folder written by save_quantized -> the quantized model (what from_hub returns for such a folder).
     Refuses (QuantizeError) a manifest that does not match the folder's config.json or the tensors in the file,
-    or a scheme other than `expect` when given."""
+    or a scheme, dtype or head other than the ones asked for (`expect`, `dtype`, `head`; None: as saved)."""
     from pathlib import Path
     from ..config import read_json
     from ..loading import generation_defaults, read_file, skip_init
@@ -343,10 +368,25 @@ def load_quantized(folder, attn: str = "auto", device="cpu", expect: str | None 
     if cls is None or cls.family != manifest["family"]:
         raise QuantizeError(f"{where} family {manifest['family']!r} does not match config.json "
                             f"model_type={config.get('model_type')!r}")
-    dtype = getattr(torch, manifest["dtype"])
+    saved = getattr(torch, manifest["dtype"])
+    for asked, have, what in ((dtype, saved, "dtype"), (head, manifest["head"], "head")):
+        if asked is not None and asked != have:
+            raise QuantizeError(f"{where} says {what} {manifest[what]}; {what}={str(asked).removeprefix('torch.')} was "
+                                "asked for. A quantized folder loads as it was saved: re-quantize from the "
+                                "full-precision checkpoint for another one")
+    dtype = saved
+    if any(alias in state for alias in manifest["aliases"]):
+        raise QuantizeError(f"{where} aliases {sorted(a for a in manifest['aliases'] if a in state)[:3]} name "
+                            "tensors the file also holds")
+    if any(name not in state for name in manifest["aliases"].values()):
+        raise QuantizeError(f"{where} aliases point at tensors the file does not hold: "
+                            f"{sorted(n for n in manifest['aliases'].values() if n not in state)[:3]}")
+    if any(k.endswith(".packed") for k in state):
+        raise QuantizeError(f"{path}: {next(k for k in state if k.endswith('.packed'))} is in torch's kernel layout; "
+                            "save_quantized writes int4 weights as '.codes' (see its docstring)")
     keys = set(state) | {f"{m}.weight" for m in manifest["modules"]}
     with skip_init(), torch.device("meta"):
-        model = cls.from_hf(config, manifest["head"], keys, str(folder / "config.json"))
+        model = cls.from_hf(config, manifest["head"], keys, str(folder / "config.json")).to(dtype)
         found = targets(model)
         if found != manifest["modules"]:
             raise QuantizeError(f"{where} lists quantized modules {manifest['modules'][:3]}... ({len(manifest['modules'])}), "
@@ -364,7 +404,10 @@ def load_quantized(folder, attn: str = "auto", device="cpu", expect: str | None 
         state[alias] = state[name]
     for name, mod in model.named_modules():
         if isinstance(mod, Int4Linear) and f"{name}.codes" in state:   # our layout -> the kernel's
-            b = state.pop(f"{name}.codes")
+            b, want = state.pop(f"{name}.codes"), (mod.packed.shape[0], mod.in_features // 2)
+            if b.dtype != torch.uint8 or tuple(b.shape) != want:
+                raise QuantizeError(f"{path}: {name}.codes is {tuple(b.shape)} {b.dtype}; this model needs {want} "
+                                    "torch.uint8 (two 4-bit codes a byte)")
             codes = torch.stack([b & 15, b >> 4], -1).view(b.shape[0], -1).to(torch.int32)
             state[f"{name}.packed"] = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
     own = model.state_dict()

@@ -204,6 +204,11 @@ def audit_quantized(fp_model, q_model, inputs: dict, backend: str = "sdpa") -> Q
     both run `backend` on the same inputs; per layer output and for the final output (logits when the model has a
     head, else the last hidden state), max abs / max rel error and the min cosine over real tokens.
     CLI (`minibt audit --quantize int8`): print audit(q_model, ...).table() and audit_quantized(fp, q, ...).table()."""
+    from ..errors import InputError
+    if getattr(fp_model, "quantization", None):
+        raise InputError("audit_quantized: the first model is quantized too, so there is no full-precision reference "
+                         "(a folder written by save_quantized holds only the quantized weights: audit against the "
+                         "original checkpoint)")
     inputs = dict(inputs)
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
     real = inputs["attention_mask"].bool()
