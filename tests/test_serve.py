@@ -152,6 +152,11 @@ def test_tei_routes(minilm_server, mini):
     torch.testing.assert_close(torch.tensor(tail), minibt.embed(model, tok, [long]), atol=1e-5, rtol=0)
     cut = c.post("/embed", json={"inputs": "first text", "normalize": False, "dimensions": 8}).json()
     torch.testing.assert_close(torch.tensor(cut), torch.tensor(one)[:, :8], atol=1e-6, rtol=0)   # no re-normalising
+    big = "tokenised on a thread " * 1200                           # over serve.TOKENIZE_INLINE_CHARS
+    assert len(big) > serve.TOKENIZE_INLINE_CHARS
+    r = c.post("/embed", json={"inputs": [big, "short"], "truncate": True})
+    torch.testing.assert_close(torch.tensor(r.json()), minibt.embed(model, tok, [big, "short"]), atol=1e-5, rtol=0)
+    assert [t["id"] for t in c.post("/tokenize", json={"inputs": big}).json()[0]] == tok.encode([big])[0].ids
     toks = c.post("/tokenize", json={"inputs": "hello world"}).json()
     assert [t["text"] for t in toks[0]] == ["[CLS]", "hello", "world", "[SEP]"] and toks[0][1]["start"] == 0
     info = c.get("/info").json()

@@ -29,6 +29,7 @@ from ..errors import ConfigError, MinibtError
 
 log = logging.getLogger("minibt.serve")
 PAYLOAD_LIMIT = 2_000_000            # bytes, as TEI
+TOKENIZE_INLINE_CHARS = 20_000       # characters of one request tokenised on the event loop; more: on a thread
 BODY_TIMEOUT = 30.0                  # seconds for a client to send its whole request body (408 after)
 
 
@@ -342,7 +343,7 @@ class Service:
             raise ApiError(422, f"`{name}` must be true or false, not {json.dumps(value)}")
         return value
 
-    def _encode(self, body, texts, name, timing):
+    async def _encode(self, body, texts, name, timing):
         """Token ids for texts (strings or (query, text) pairs); too long: truncate if asked, else 413."""
         t0 = time.perf_counter()
         truncate = self._flag(body, "truncate", self.auto_truncate)
@@ -352,10 +353,10 @@ class Service:
             raise ApiError(422, f"`truncation_direction` must be \"Left\" or \"Right\", not {json.dumps(direction)}")
         if self.recipe.lowercase:
             texts = [t.lower() if isinstance(t, str) else tuple(x.lower() for x in t) for t in texts]
-        encs = self._tokens(texts, name)
+        encs = await self._tokens(texts, name)
         long = [i for i, e in enumerate(encs) if len(e.ids) > self.limit]
         if long and truncate:
-            cut = self._tokens([texts[i] for i in long], name, truncation=True, max_length=self.limit,
+            cut = await self._tokens([texts[i] for i in long], name, truncation=True, max_length=self.limit,
                                direction=direction.lower())
             for i, e in zip(long, cut):
                 encs[i] = e
@@ -367,9 +368,14 @@ class Service:
         timing["x-tokenization-time"] = time.perf_counter() - t0
         return encs
 
-    def _tokens(self, texts, name, **kwargs):
-        """tok.encode with its failures answered 422, naming the field (and not the server's folders)."""
+    async def _tokens(self, texts, name, **kwargs):
+        """tok.encode with its failures answered 422, naming the field (and not the server's folders). Big inputs
+        are tokenised on a thread (the Rust tokenizer releases the GIL), so one 2 MB body does not stall the event
+        loop and every other client for seconds; small ones inline, where a thread hop would cost more."""
+        size = sum(len(t) if isinstance(t, str) else sum(map(len, t)) for t in texts)
         try:
+            if size > TOKENIZE_INLINE_CHARS:
+                return await asyncio.to_thread(self.tok.encode, texts, **kwargs)
             return self.tok.encode(texts, **kwargs)
         except Exception as e:          # noqa: BLE001 - InputError, or the tokenizers library's own types
             detail = str(e).removeprefix(f"{self.tok.folder}: ")
@@ -406,7 +412,7 @@ class Service:
         normalize = self._flag(body, "normalize", self.recipe.normalize)
         dims = self._dimensions(body)
         self._admit()
-        vecs = await self._run(self._encode(body, texts, "inputs", timing), timing)
+        vecs = await self._run(await self._encode(body, texts, "inputs", timing), timing)
         vecs = F.normalize(vecs, dim=-1) if normalize else vecs
         return rows(self._truncated(vecs, dims, normalize))
 
@@ -424,7 +430,7 @@ class Service:
             raise ApiError(422, f"`encoding_format` must be \"float\" or \"base64\", not {json.dumps(fmt)}")
         dims = self._dimensions(body)
         self._admit()
-        encs = self._encode(body, texts, "input", timing)
+        encs = await self._encode(body, texts, "input", timing)
         vecs = await self._run(encs, timing)
         vecs = F.normalize(vecs, dim=-1) if self.recipe.normalize else vecs
         vecs = self._truncated(vecs, dims, self.recipe.normalize)
@@ -454,7 +460,7 @@ class Service:
             raise ApiError(422, f"`top_n` must be a positive integer, not {json.dumps(top_n)}")
         raw = self._flag(body, "raw_scores", False)
         back = self._flag(body, "return_documents" if infinity else "return_text", False)
-        encs = self._encode(body, [(query, d) for d in docs], "documents" if infinity else "texts", timing)
+        encs = await self._encode(body, [(query, d) for d in docs], "documents" if infinity else "texts", timing)
         scores = self._scores(await self._run(encs, timing), raw)[:, 0].tolist()
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n]
         if not infinity:
@@ -485,7 +491,7 @@ class Service:
         if any(not all(t if isinstance(t, list) else [t]) for t in items):
             raise ApiError(422, "`inputs` holds an empty string", "Empty")
         texts = [tuple(t) if isinstance(t, list) else t for t in items]
-        scores = self._scores(await self._run(self._encode(body, texts, "inputs", timing), timing),
+        scores = self._scores(await self._run(await self._encode(body, texts, "inputs", timing), timing),
                               self._flag(body, "raw_scores", False))
         labels = self.labels or [f"LABEL_{i}" for i in range(self.width)]
         out = [sorted(({"score": s, "label": labels[j]} for j, s in enumerate(row)), key=lambda p: -p["score"])
@@ -496,7 +502,7 @@ class Service:
         """TEI: {inputs, add_special_tokens} -> [[{id, text, special, start, stop}]]"""
         texts, _ = self._texts(body, "inputs")
         special = self._flag(body, "add_special_tokens", True)
-        encs = self._tokens(texts, "inputs", add_special_tokens=special)
+        encs = await self._tokens(texts, "inputs", add_special_tokens=special)
         return [[{"id": i, "text": t, "special": bool(s), "start": None if s else a, "stop": None if s else b}
                  for i, t, s, (a, b) in zip(e.ids, e.tokens, e.special_tokens_mask, e.offsets)] for e in encs]
 
