@@ -223,6 +223,36 @@ def test_bad_dimensions_cost_no_forward_and_wrong_method_is_json(minilm_server):
     assert r.status_code == 405 and r.json()["error_type"] == "MethodNotAllowed"
 
 
+def test_work_of_clients_that_went_away_is_dropped(minilm):
+    """Clients that time out and leave must not keep the worker busy: their queued rows are skipped."""
+    def metric(url, name):
+        line = next(x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith(name + " "))
+        return float(line.split()[1])
+    text = "a fairly long sentence about queues and servers that keeps going " * 20       # ~260 tokens: cut to 256
+    with server("--model", minilm, "--max-batch-tokens", 300, "--auto-truncate") as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({"inputs": [text] * 32}).encode()
+        socks = []
+        for _ in range(10):                        # 320 rows, one forward each: seconds of work
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            socks.append(sock)
+        time.sleep(0.5)
+        for sock in socks:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while metric(url, "minibt_requests_in_flight") > 0:
+            assert time.monotonic() < deadline, "abandoned requests still in flight after 10 s"
+            time.sleep(0.1)
+        rows = metric(url, "minibt_batch_rows_total")
+        time.sleep(1.0)
+        assert metric(url, "minibt_batch_rows_total") - rows <= 1    # the worker stopped on them (one forward may end)
+        assert rows < 160, rows                                       # most of the 320 rows never ran
+        assert 'status="499"' in httpx.get(url + "/metrics").text
+        assert httpx.post(url + "/embed", json={"inputs": "still here"}).status_code == 200
+
+
 def test_stalled_and_vanishing_bodies_are_bounded(minilm):
     """A client that stops mid-body gets 408 after --body-timeout (and cannot hold up a SIGTERM drain); one that
     disconnects mid-body costs nothing; the server answers everyone else throughout."""

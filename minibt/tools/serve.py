@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextvars
 import hmac
 import json
 import logging
@@ -28,9 +29,11 @@ from ..embed import Recipe, pool, token_batches
 from ..errors import ConfigError, MinibtError
 
 log = logging.getLogger("minibt.serve")
+_request = contextvars.ContextVar("minibt_serve_request")     # the request a route handler is answering
 PAYLOAD_LIMIT = 2_000_000            # bytes, as TEI
 TOKENIZE_INLINE_CHARS = 20_000       # characters of one request tokenised on the event loop; more: on a thread
 BODY_TIMEOUT = 30.0                  # seconds for a client to send its whole request body (408 after)
+DISCONNECT_POLL = 0.2                # seconds between checks that a waiting request's client is still there
 
 
 try:
@@ -71,6 +74,7 @@ class Job:
     started: float | None = None     # first forward that holds one of its rows
     out: torch.Tensor | None = None
     left: int = 0
+    abandoned: bool = False          # its client went away: the worker skips the rows it has not run yet
 
     def settle(self, value):
         def put():
@@ -126,7 +130,7 @@ class Worker:
         lengths = [len(job.encs[i].ids) for job, i in items]
         for idx in token_batches(lengths, self.max_batch_tokens):
             owners = {id(items[k][0]): items[k][0] for k in idx}.values()
-            live = [k for k in idx if items[k][0].left > 0]          # rows of jobs that already failed are skipped
+            live = [k for k in idx if items[k][0].left > 0 and not items[k][0].abandoned]   # failed or gone: skipped
             if not live:
                 continue
             start = time.perf_counter()
@@ -227,6 +231,7 @@ class Service:
         async def endpoint(request):
             t0 = time.perf_counter()
             timing = {}
+            _request.set(request)
             try:
                 if route != "/health":
                     self._authorise(request)
@@ -301,10 +306,16 @@ class Service:
         loop = asyncio.get_running_loop()
         job = Job(encs, loop, loop.create_future())
         self.in_flight += 1
+        gone = asyncio.ensure_future(self._disconnect(_request.get()))
         try:
             self.worker.queue.put(job)
-            out = await job.future
+            await asyncio.wait((job.future, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not job.future.done():
+                job.abandoned = True     # nobody will read the answer: its remaining rows are not computed
+                raise ApiError(499, "the client disconnected before its answer was ready", "Disconnected")
+            out = job.future.result()
         finally:
+            gone.cancel()
             self.in_flight -= 1
         done = time.perf_counter()
         timing["x-queue-time"] = job.started - job.queued
@@ -314,6 +325,12 @@ class Service:
         self.counts["queue_us"] += int((job.started - job.queued) * 1e6)
         self.counts["requests"] += 1
         return out
+
+    @staticmethod
+    async def _disconnect(request):
+        """Returns once the client of `request` (whose body was read) has gone away."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL)
 
     # ---------------------------------------------------------------------------------------- validation
 
