@@ -43,17 +43,10 @@ def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, 
     from .models import MODEL_TYPES
     folder = resolve(name_or_path, revision)
     if (folder / quantization.QUANTIZED_FILE).is_file():        # written by save_quantized: its own small plan
-        if quantize is not None and quantize not in quantization.SCHEMES:
-            quantization.check(None, quantize)                     # names the valid schemes
         model = quantization.load_quantized(folder, attn=attn, device=device, expect=quantize,
                                             dtype=None if dtype is None else pick_dtype(dtype, {}, device),
                                             head=None if head == "auto" else head)
-        if optimize:
-            kernels.optimize(model)
-        if compile:
-            from .kernels import compile as compile_transform
-            compile_transform.apply(model)
-        return model
+        return transforms(model, optimize, compile)
     config_path = inside(folder, "config.json")
     config = read_json(config_path, required=True)
     model_type = config.get("model_type")
@@ -93,6 +86,11 @@ def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, 
         quantization.quantize(model, quantize, ready=ready)
         release_freed_memory()                # the float matrices and temporaries freed above leave the process
     model.eval().set_attention(attn)
+    return transforms(model, optimize, compile)
+
+
+def transforms(model, optimize: bool, compile: bool):
+    """The kernel transforms from_hub applies last: the default CPU ones, and torch.compile if asked."""
     if optimize:
         kernels.optimize(model)
     if compile:

@@ -214,6 +214,14 @@ def test_bf16_quantized_round_trip_and_load_arguments(tmp_path, scheme):
     assert not (fp / QUANTIZED_FILE).exists()
 
 
+def test_saved_quantized_encoder_takes_compile(tiny, tmp_path):
+    folder, _ = tiny("BertForMaskedLM", intermediate_size=64)
+    out = save_quantized(minibt.from_hub(folder, quantize="int8"), tmp_path / "q")
+    model = minibt.from_hub(out, compile=True)
+    assert all(layer.mlp._compiled_call_impl is not None for layer in model.layers)
+    assert minibt.from_hub(out).layers[0].mlp._compiled_call_impl is None
+
+
 def test_fp16_model_keeps_fp16_through_quantized_linears(tmp_path):
     fp = _tiny_llama(tmp_path / "fp", attention_bias=True, mlp_bias=True)
     import warnings

@@ -491,6 +491,29 @@ def test_overload_429_and_backend_failure_424(mini):
     assert failed.status_code == 424 and "device lost" in failed.json()["error"]
 
 
+def test_a_bug_of_ours_is_a_counted_json_500_and_the_server_goes_on(mini, caplog):
+    model, tok = mini
+    svc = serve.Service(model, tok, max_batch_tokens=16384, max_client_batch_size=32, max_concurrent_requests=8,
+                        api_key=None, auto_truncate=False, model_id=None, payload_limit=serve.PAYLOAD_LIMIT)
+
+    async def broken(timing):
+        raise KeyError("a bug")
+    svc.models = broken                                     # /v1/models stands in for any route with a bug
+
+    async def go():
+        svc.worker.start()
+        transport = httpx.ASGITransport(app=svc.asgi())
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            bad, good, metrics = await c.get("/v1/models"), await c.post("/embed", json={"inputs": "a"}), \
+                await c.get("/metrics")
+        svc.worker.stop()
+        return bad, good, metrics
+    bad, good, metrics = asyncio.run(go())
+    assert bad.status_code == 500 and bad.json() == {"error": "internal error: KeyError", "error_type": "Internal"}
+    assert good.status_code == 200 and 'route="/v1/models",status="500"} 1' in metrics.text
+    assert "a bug" in caplog.text                              # the traceback goes to the server log
+
+
 def test_import_minibt_does_not_import_the_server_stack():
     code = "import sys, minibt; print(any(m.split('.')[0] in ('starlette', 'uvicorn') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -206,13 +206,15 @@ def targets(model) -> list[str]:
             if isinstance(mod, nn.Linear) and (name.startswith("layers.") or name in heads)]
 
 
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise QuantizeError(f"quantize={scheme!r} is not a scheme minibt has; choose from {', '.join(SCHEMES)}")
+
+
 def check(model, scheme: str, group_size: int = 32) -> list[str]:
     """The names `quantize` would replace; QuantizeError if the scheme is unknown or one layer cannot take it.
     Reads only shapes, so the loader asks before reading any weight."""
-    if scheme not in SCHEMES:
-        raise QuantizeError(f"quantize={scheme!r} is not a scheme minibt has; choose from {', '.join(SCHEMES)}")
-    if model is None:
-        return []
+    check_scheme(scheme)
     if getattr(model, "quantization", None):
         raise QuantizeError(f"this model is already quantized ({model.quantization['scheme']})")
     names = targets(model)
@@ -351,6 +353,8 @@ def load_quantized(folder, attn: str = "auto", device="cpu", expect: str | None 
     from ..config import read_json
     from ..loading import generation_defaults, read_file, skip_init
     from ..models import MODEL_TYPES
+    if expect is not None:
+        check_scheme(expect)
     folder = Path(folder)
     path = folder / QUANTIZED_FILE
     state, meta = read_file(path)                          # the loader's one parser; fresh, aligned tensors

@@ -361,7 +361,9 @@ class Service:
         return value
 
     async def _encode(self, body, texts, name, timing):
-        """Token ids for texts (strings or (query, text) pairs); too long: truncate if asked, else 413."""
+        """Token ids for texts (strings or (query, text) pairs); too long: truncate if asked, else 413. An overloaded
+        server answers 429 here, before tokenising (and _run checks again when it queues)."""
+        self._admit()
         t0 = time.perf_counter()
         truncate = self._flag(body, "truncate", self.auto_truncate)
         direction = body.get("truncation_direction", "right")
@@ -428,7 +430,6 @@ class Service:
         texts, _ = self._texts(body, "inputs")
         normalize = self._flag(body, "normalize", self.recipe.normalize)
         dims = self._dimensions(body)
-        self._admit()
         vecs = await self._run(await self._encode(body, texts, "inputs", timing), timing)
         vecs = F.normalize(vecs, dim=-1) if normalize else vecs
         return rows(self._truncated(vecs, dims, normalize))
@@ -446,7 +447,6 @@ class Service:
         if fmt not in ("float", "base64"):
             raise ApiError(422, f"`encoding_format` must be \"float\" or \"base64\", not {json.dumps(fmt)}")
         dims = self._dimensions(body)
-        self._admit()
         encs = await self._encode(body, texts, "input", timing)
         vecs = await self._run(encs, timing)
         vecs = F.normalize(vecs, dim=-1) if self.recipe.normalize else vecs
