@@ -81,7 +81,7 @@ def step_split(scheme: str, steps: int = 40, skip: int = 5) -> list[str]:
     """[scheme, ms per step, ms in the quantized linears, ms in their kernels, ms in the rest, linears per step]."""
     import minibt
     from minibt.kernels import quantize as Q
-    from minibt.models.kv_cache import KVCache
+    from minibt.attention import KVCache
     model = minibt.from_hub(test_module("smollm2_fixture").build_smollm2(), quantize=scheme)
     spent = {"linear": 0.0, "kernel": 0.0, "calls": 0}
     saved = {cls: (cls.forward, cls.mm) for cls in (Q.Int8Linear, Q.Int4Linear)}

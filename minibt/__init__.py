@@ -1,9 +1,6 @@
 """minibt: BERT, RoBERTa, DistilBERT, OPT and Llama in plain PyTorch, every attention call through one interface."""
 from __future__ import annotations
 
-import sys
-import types
-
 from . import errors
 from .errors import MinibtError
 from .hub import bundled_model
@@ -12,7 +9,7 @@ __all__ = ["from_hub", "load_tokenizer", "embed", "Encoder", "audit", "bundled_m
            "MinibtError", "__version__"]
 
 # Public names imported on first use (PEP 562), so `import minibt` (and `minibt --help`) does not import torch.
-_LAZY = {"attention": (".attention", None), "embed": (".embed", "embed"), "Encoder": (".encoder", "Encoder"),
+_LAZY = {"attention": (".attention", None), "embed": (".embedding", "embed"), "Encoder": (".encoder", "Encoder"),
          "load_tokenizer": (".tokenizer", "load_tokenizer"), "audit": (".tools.audit", "audit")}
 
 
@@ -44,19 +41,8 @@ def __getattr__(name):
     if name not in _LAZY:
         raise AttributeError(f"module 'minibt' has no attribute {name!r}")
     import importlib
+    if name == "attention":
+        importlib.import_module(".kernels", __name__)      # registers the model-level backend `fused`
     module, attr = _LAZY[name]
     value = importlib.import_module(module, __name__)
     return value if attr is None else getattr(value, attr)
-
-
-class _Module(types.ModuleType):
-    """`minibt.embed` is the function, while `minibt/embed.py` is also a submodule: the import system binds a
-    submodule onto its package when first imported, which would hide the function; keep the function."""
-
-    def __setattr__(self, name, value):
-        if name == "embed" and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Module

@@ -31,14 +31,14 @@ class Fields:
     def fail(self, key, value, what: str):
         raise ConfigError(f"{self.where}: field {key!r} = {value!r} {what}")
 
-    def int(self, key, default=REQUIRED, *, min: int = 1, max: int | None = None, none_ok: bool = False):
+    def int(self, key, default=REQUIRED, *, min: int = 1, none_ok: bool = False):
         value = self._get(key, default)
         if value is None and none_ok:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(key, value, f"must be an integer >= {min}")
-        if value < min or (max is not None and value > max):
-            self.fail(key, value, f"is out of range: must be in [{min}, {max if max is not None else 'inf'})")
+        if value < min:
+            self.fail(key, value, f"is out of range: must be in [{min}, inf)")
         return value
 
     def float(self, key, default=REQUIRED, *, positive: bool = False):

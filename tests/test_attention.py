@@ -5,7 +5,7 @@ import torch
 from minibt import attention
 from minibt.attention import AttnMask
 from minibt.errors import BackendError
-from minibt.kernels.padding import Packing
+from minibt.attention import Packing
 
 PADDED = ["sdpa", "flash", "varlen"]
 

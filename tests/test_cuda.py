@@ -32,7 +32,7 @@ def test_backends_on_cuda_match_naive_fp32(name, dtype):
         want = attention.naive(q, k, v, mask=AttnMask(keys, causal=causal), scale=0.2)
         backend = attention.get(name)
         if backend.packed:
-            from minibt.kernels.padding import Packing
+            from minibt.attention import Packing
             pack = Packing(keys.cuda())
             pq, pk, pv = (pack.pack(t.cuda().to(dtype).transpose(1, 2)).transpose(1, 2) for t in (q, k, v))
             got = backend.fn(pq, pk, pv, mask=AttnMask(causal=causal, cu_seqlens=pack.cu_seqlens), scale=0.2)

@@ -64,7 +64,7 @@ def test_rows_stop_at_eos_like_transformers(tiny_decoder):
 
 @pytest.mark.parametrize("name", ["opt-post-ln-projected", "llama3-mqa-tied-bias-headdim"])
 def test_kv_cache_logits_equal_full_recomputation(tiny_decoder, name):
-    from minibt.generate import KVCache
+    from minibt.attention import KVCache
     folder, _ = tiny_decoder(name)
     model = minibt.from_hub(folder, attn="sdpa")
     ids, mask = left_padded(99, 1)
@@ -188,3 +188,20 @@ def test_decoder_bf16(tiny_decoder, attn):
     got = model(ids, attention_mask=mask).logits.float()
     real = mask.bool()
     assert (got[real] - want[real]).abs().max() < 3e-2 * want[real].abs().max()
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa", "flash", "varlen", "tiled", "auto"])
+def test_a_full_kv_cache_is_a_typed_error_on_every_backend(tiny_decoder, attn):
+    """The cache checks its capacity on every write: a packed prefill (varlen) as well as a padded one, and a
+    decode step past the end; the cache keeps what it had."""
+    from minibt.attention import KVCache
+    model = minibt.from_hub(tiny_decoder("llama-gqa")[0], attn=attn)
+    ids, mask = left_padded(99, 0)
+    with pytest.raises(InputError, match=r"KV cache holds 8 positions; this step needs 9"):
+        model(ids, attention_mask=mask, past_key_values=KVCache.for_model(model, 3, ids.shape[1] - 1))
+    cache = KVCache.for_model(model, 3, ids.shape[1])
+    model(ids, attention_mask=mask, past_key_values=cache)
+    assert cache.length == ids.shape[1]
+    with pytest.raises(InputError, match=r"KV cache holds 9 positions; this step needs 10"):
+        model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache)
+    assert cache.length == ids.shape[1]

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import minibt
-from minibt.embed import token_batches
+from minibt.embedding import token_batches
 from minibt.errors import InputError
 
 

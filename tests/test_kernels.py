@@ -43,7 +43,7 @@ def test_optimize_leaves_encoders_plain(tiny):
 
 def test_fused_transform_swaps_and_restores_the_stack(tiny):
     from minibt.kernels.fused_encoder import FusedEncoder
-    from minibt.models.bert import Encoder
+    from minibt.models.bert import LayerStack
     folder, _ = tiny("BertModel")
     model = minibt.from_hub(folder, attn="fused")
     layers = list(model.layers)
@@ -52,7 +52,7 @@ def test_fused_transform_swaps_and_restores_the_stack(tiny):
     with torch.no_grad():
         fused = model(ids, attention_mask=mask).last_hidden_state
         model.set_attention("naive")
-        assert type(model.layers) is Encoder and list(model.layers) == layers     # same modules back
+        assert type(model.layers) is LayerStack and list(model.layers) == layers     # same modules back
         plain = model(ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
     assert set(dict(model.named_parameters())) == set(dict(minibt.from_hub(folder).named_parameters()))

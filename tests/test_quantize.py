@@ -176,7 +176,7 @@ def test_save_load_bit_identical_and_manifest_checks(tmp_path):
         minibt.from_hub(tmp_path / "int4")
     tensors.pop("layers.0.attention.qkv.codes")
     save_file(tensors, path, metadata={"minibt": json.dumps(manifest)})
-    with pytest.raises(QuantizeError, match=r"missing \['layers.0.attention.qkv.packed'\]"):
+    with pytest.raises(QuantizeError, match=r"missing \(1\): layers.0.attention.qkv.packed"):
         minibt.from_hub(tmp_path / "int4")
 
 
@@ -270,7 +270,7 @@ TAMPER = [   # (scheme, manifest edit, tensor edit, words of the error)
     ("int8", lambda m: m.update(aliases={"lm_head.weight": "nope"}), None, "does not hold"),
     ("int4", None, lambda t: t.update({"layers.0.mlp.down.codes": t["layers.0.mlp.down.codes"].view(torch.int8)}),
      "torch.int8"),
-    ("int4", None, lambda t: t.update({"layers.0.mlp.down.codes": t["layers.0.mlp.down.codes"][None]}), "codes is (1,"),
+    ("int4", None, lambda t: t.update({"layers.0.mlp.down.codes": t["layers.0.mlp.down.codes"][None]}), "codes: checkpoint (1,"),
     ("int4", None, lambda t: t.update({"layers.0.mlp.down.packed": t.pop("layers.0.mlp.down.codes")}), "kernel layout"),
 ]
 

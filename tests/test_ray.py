@@ -266,7 +266,7 @@ def _wait_for_nodes(address: str, n: int, env: dict, log: Path, timeout: float =
 
 
 def test_import_minibt_does_not_import_ray():
-    code = ("import sys, minibt, minibt.embed, minibt.tools.cli, minibt.tools.ray_command\n"
+    code = ("import sys, minibt, minibt.embedding, minibt.tools.cli, minibt.tools.ray_command\n"
             "assert 'ray' not in sys.modules and 'pyarrow' not in sys.modules\n"
             "import minibt.ray; print(minibt.ray.embed_dataset)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import minibt
-from minibt.embed import Recipe
+from minibt.embedding import Recipe
 
 TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
          "A man is riding a horse.", "Two men pushed carts through the woods.", "x", "",

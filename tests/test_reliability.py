@@ -218,7 +218,7 @@ def test_embed_takes_one_string_as_one_text_and_pools_empty_text_finitely(minilm
         minibt.embed(model, tok, ["ok", 3])
     with pytest.raises(InputError, match="batch_size=0"):
         minibt.embed(model, tok, ["ok"], batch_size=0)
-    from minibt.embed import pool
+    from minibt.embedding import pool
     hidden = torch.randn(2, 3, 4)
     mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
     for how in ("mean", "max", "cls"):

@@ -25,7 +25,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 import minibt  # noqa: E402
-from minibt.embed import pool  # noqa: E402
+from minibt.embedding import pool  # noqa: E402
 from minibt.tools import serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,15 +10,18 @@ q: (B, Hq, Sq, D)   k, v: (B, Hkv, Skv, D) with Hq % Hkv == 0 (GQA)   out: (B, H
 mask: an `AttnMask` (attention/mask.py). A packed batch (varlen) is B = 1, S = T with the
 sequence bounds in mask.cu_seqlens, so every backend can run it; `packed` backends want it.
 
+This package is also how a model's forward sees its batch (batch.py: the checked ids and mask, the packing of
+real tokens, the attention call of every layer) and where decoders keep keys and values (cache.py).
+
 The registry holds three kinds of entry, and `backends()` lists them all (what `set_attention` accepts):
     attention functions  naive, sdpa, flash, varlen, tiled, and user backends (`register`)
     the route `auto`     picks one of the functions per call (attention/auto.py)
-    model-level `fused`  a transform in minibt/kernels/ that swaps the encoder's layer stack for torch's fused op
-Model code calls `model.set_attention(name)` and `for_call(...)`; it never branches on which backend runs.
+    model-level `fused`  a transform that swaps an encoder's layer stack for torch's fused op; minibt/kernels
+                         registers it (`register_transform`), since kernels sit above attention
+Model code makes a `Batch` and calls `batch.attend(...)`; it never branches on which backend runs.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,11 +38,14 @@ class Backend:
     packed: bool = False                # wants the padding removed at the model's entry (kernels/padding.py)
     probs: bool = False                 # fn(..., return_probs=True) -> (out, probs)
     route: Callable | None = None       # auto: (attention_mask, output_attentions) -> name of the backend to run
-    transform: str | None = None        # model-level: "module" with apply(model) / remove(model), run by set_attention
+    transform: object | None = None     # model-level: an object with apply(model) / remove(model), run by `use`
+
+    def __deepcopy__(self, memo):
+        return self                     # a registry entry: copies of a model share it
 
 
 _REGISTRY: dict[str, Backend] = {}
-BUILTIN = ("naive", "sdpa", "flash", "varlen", "tiled", "fused", "auto")
+BUILTIN = ("naive", "sdpa", "flash", "varlen", "tiled", "fused", "auto")       # "fused": kernels/fused_encoder.py
 
 
 def register(name: str, fn: Callable, *, packed: bool = False, probs: bool = False, check: bool = True) -> None:
@@ -86,6 +92,12 @@ def _checked(name: str, fn: Callable, numbers: bool) -> Callable:
     return attend
 
 
+def register_transform(name: str, transform, *, packed: bool) -> None:
+    """A model-level backend: `transform.apply(model)` swaps modules so the model runs `name` (raising a
+    BackendError when it cannot run this model exactly), `transform.remove(model)` swaps them back."""
+    _REGISTRY[name] = Backend(name, None, packed=packed, transform=transform)
+
+
 def backends() -> list[str]:
     """Every name `model.set_attention` accepts: attention functions, `auto` and `fused`."""
     return sorted(_REGISTRY)
@@ -113,13 +125,15 @@ def use(model, name: str) -> Backend:
     backend = get(name)
     for other in _REGISTRY.values():
         if other.transform is not None and other is not backend:
-            importlib.import_module(other.transform).remove(model)
+            other.transform.remove(model)
     if backend.transform is not None:
-        importlib.import_module(backend.transform).apply(model)
+        backend.transform.apply(model)
     return backend
 
 
 from .auto import auto  # noqa: E402
+from .batch import INT_DTYPES, Batch, Packing, check_ids, check_mask, check_positions  # noqa: E402
+from .cache import KVCache  # noqa: E402
 from .flash import flash  # noqa: E402
 from .naive import naive  # noqa: E402
 from .sdpa import sdpa  # noqa: E402
@@ -133,9 +147,8 @@ _REGISTRY.update({
     "varlen": Backend("varlen", varlen, packed=True),
     "tiled": Backend("tiled", tiled),
     "auto": Backend("auto", None, route=auto),
-    # the fused stack runs on the packed tokens; varlen is what its layers would call if they called attention
-    "fused": Backend("fused", varlen, packed=True, transform="minibt.kernels.fused_encoder"),
 })
 
-__all__ = ["AttnMask", "Backend", "backends", "functions", "get", "register", "for_call", "use",
+__all__ = ["AttnMask", "Backend", "Batch", "KVCache", "Packing", "backends", "functions", "get", "register",
+           "register_transform", "for_call", "use", "INT_DTYPES", "check_ids", "check_mask", "check_positions",
            "naive", "sdpa", "flash", "varlen", "tiled", "auto"]

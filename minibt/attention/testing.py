@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import BackendError
-from ..kernels.padding import Packing
+from .batch import Packing
 from .mask import AttnMask
 from .naive import naive
 

@@ -7,8 +7,8 @@ on this project's CPU (2 threads, torch 2.13; figures from docs/benchmarks.md an
 |------------------|------------------------------------------------|------------------------------|---------------|
 | `decode_linear`  | decoders' nn.Linear -> DecodeLinear (bf16 mv / W @ x^T for 1-16 tokens); fp32 weights column-major | `optimize` (from_hub default) | linears of a SmolLM2 step 16 vs 23-26 ms (bf16), 18.8 vs 24.3 ms (fp32) |
 | `rmsnorm`        | Llama's RMSNorm -> one LayerNorm over [x, -x]  | `optimize` (from_hub default) | 1.4-1.6 ms of a 25-46 ms decode step |
-| `fused_encoder`  | an encoder's layer stack -> torch's fused encoder-layer op on a nested tensor | `set_attention("fused")` | slower than varlen here at every padding (README table); never picked by auto |
-| `compile`        | each encoder layer's MLP -> torch.compile'd   | `from_hub(compile=True)`     | none measured (fp32, bf16) |
+| `fused_encoder`  | an encoder's layer stack -> torch's fused encoder-layer op on a nested tensor | `set_attention("fused")` (registered here) | slower than varlen here at every padding (README table); never picked by auto |
+| `compile_mlp`    | each encoder layer's MLP -> torch.compile'd   | `from_hub(compile=True)`     | none measured (fp32, bf16) |
 | `malloc`         | glibc keeps freed activation memory (process-wide, so only when asked) | `embed(..., keep_memory=True)`, `minibt embed --file` | bf16 embedding +5-10% |
 
 `optimize(model)` applies the default ones that apply to this model; `from_hub(..., optimize=False)` gives the plain
@@ -16,8 +16,10 @@ reference model (the numbers differ only by rounding: each transform's test stat
 """
 from __future__ import annotations
 
-from . import decode_linear, rmsnorm
+from .. import attention
+from . import decode_linear, fused_encoder, rmsnorm
 
+attention.register_transform("fused", fused_encoder, packed=True)
 DEFAULT = {"decode_linear": decode_linear, "rmsnorm": rmsnorm}
 
 

@@ -19,6 +19,13 @@ from torch import nn
 class DecodeLinear(nn.Linear):
     """nn.Linear with the bf16 few-token paths above; identical maths."""
 
+    @classmethod
+    def over(cls, linear: nn.Linear, weight: nn.Parameter) -> "DecodeLinear":
+        """A new module over `weight` and `linear`'s own bias (built on meta: nothing allocated)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight, new.bias = weight, linear.bias
+        return new.train(linear.training)
+
     def forward(self, x):
         w, k = self.weight, self.in_features
         if w.dtype != torch.bfloat16 or not 0 < x.numel() <= 16 * k:
@@ -34,10 +41,9 @@ def applies(model) -> bool:
     return getattr(model, "causal", False)
 
 
-def apply(model) -> int:
-    """Turn every plain nn.Linear of a decoder into a DecodeLinear (same parameters, another forward), and keep fp32
-    weights column-major (the embedding too: a tied LM head reads it; tied weights stay one tensor). Returns the
-    number of linears swapped."""
+def apply(model) -> None:
+    """Swap every plain nn.Linear of a decoder for a DecodeLinear over the same parameters, and keep fp32 weights
+    column-major (the embedding too: a tied LM head reads it; tied weights stay one tensor)."""
     column_major = {}
 
     def layout(p: nn.Parameter) -> nn.Parameter:
@@ -47,12 +53,9 @@ def apply(model) -> int:
             column_major[id(p)] = nn.Parameter(p.detach().t().contiguous().t(), requires_grad=p.requires_grad)
         return column_major[id(p)]
 
-    swapped = 0
-    for module in list(model.modules()):
-        if type(module) is nn.Linear:
-            module.__class__ = DecodeLinear                        # DecodeLinear only adds a forward
-            module.weight = layout(module.weight)
-            swapped += 1
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, DecodeLinear.over(child, layout(child.weight)))
     if hasattr(model, "embed"):
         model.embed.weight = layout(model.embed.weight)
-    return swapped

@@ -3,8 +3,9 @@ each post-LN layer as one call of torch's fused kernel (`attn="fused"`).
 
 `torch._transformer_encoder_layer_fwd` runs QKV projection, attention, output projection, residuals, both
 LayerNorms and the FFN of a layer in one op, and skips padding when handed a nested tensor. The stack builds that
-nested tensor once from the packed tokens (the `fused` backend is `packed`, so the model removes the padding at its
-entry; left-padded or holey masks are fine too).
+nested tensor once from the packed tokens (the `fused` backend is `packed`, so the model's Batch removes the padding
+at its entry; left-padded or holey masks are fine too). Registered as the attention backend `fused` by
+minibt/kernels/__init__.py.
 
 Accepts: encoders (BERT, RoBERTa, DistilBERT) whose activation is exact GELU or ReLU (the two the kernel computes;
 a `gelu_new` model is refused rather than given other numbers), in eval mode, not under autocast.
@@ -16,14 +17,10 @@ import warnings
 import torch
 
 from ..errors import BackendError
+from ..models.bert import LayerStack
 
 # The kernel knows two activations: exact GELU (use_gelu=True) or ReLU. Anything else would silently change numbers.
 _KERNEL_ACTS = {"gelu": True, "relu": False}
-
-
-def _stack_class():
-    from ..models.bert import Encoder
-    return Encoder
 
 
 class FusedEncoder(torch.nn.ModuleList):
@@ -33,16 +30,16 @@ class FusedEncoder(torch.nn.ModuleList):
         super().__init__(list(layers))
         self.use_gelu, self.num_heads = _KERNEL_ACTS[cfg.hidden_act], cfg.num_heads
 
-    def forward(self, x, mask, attend):
-        """x: (1, T, H) packed tokens, mask.cu_seqlens their bounds -> (1, T, H). `attend` is not used."""
+    def forward(self, x, batch):
+        """x: (1, T, H) packed tokens, batch.mask.cu_seqlens their bounds -> ((1, T, H), no probabilities)."""
         if self.training:
             raise BackendError("attn='fused' is inference only: call model.eval() (or use attn='varlen' to train)")
         if torch.is_autocast_enabled(x.device.type):
             raise BackendError("attn='fused' does not run under autocast: load the model in the dtype you want "
                                "(dtype=torch.bfloat16) instead")
-        bounds = mask.bounds()
+        bounds, none = batch.mask.bounds(), [None] * len(self)
         if not bounds:
-            return x
+            return x, none
         with torch.no_grad(), warnings.catch_warnings():
             # the strided nested layout is the one this kernel takes; torch warns that it is a prototype
             warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
@@ -54,14 +51,14 @@ class FusedEncoder(torch.nn.ModuleList):
                     self.use_gelu, False, layer.norm1.eps, layer.norm1.weight, layer.norm1.bias,
                     layer.norm2.weight, layer.norm2.bias, m.up.weight, m.up.bias, m.down.weight, m.down.bias,
                     None, None)
-            return torch.cat(h.unbind(), 0).unsqueeze(0)
+            return torch.cat(h.unbind(), 0).unsqueeze(0), none
 
 
 def apply(model) -> None:
     """Swap the layer stack; raises a BackendError naming why when this model cannot run fused exactly."""
     if isinstance(model.layers, FusedEncoder):
         return
-    if getattr(model, "causal", False) or not isinstance(model.layers, _stack_class()):
+    if getattr(model, "causal", False) or not isinstance(model.layers, LayerStack):
         raise BackendError(f"attn='fused' is torch's fused encoder layer, for encoders (BERT, RoBERTa, DistilBERT); "
                            f"{model.family} is a decoder: use 'varlen', 'sdpa' or 'auto'")
     act = model.config.hidden_act
@@ -75,4 +72,4 @@ def apply(model) -> None:
 def remove(model) -> None:
     """Back to the plain stack (same layer modules); nothing to do when not fused."""
     if isinstance(getattr(model, "layers", None), FusedEncoder):
-        model.layers = _stack_class()(list(model.layers)).train(model.layers.training)
+        model.layers = LayerStack(list(model.layers)).train(model.layers.training)

@@ -345,31 +345,27 @@ def read_manifest(meta: dict, path) -> dict:
     return manifest
 
 
-def load_quantized(folder, attn: str = "auto", device="cpu", expect: str | None = None, dtype=None, head=None):
-    """A folder written by save_quantized -> the quantized model (what from_hub returns for such a folder).
-    Refuses (QuantizeError) a manifest that does not match the folder's config.json or the tensors in the file,
-    or a scheme, dtype or head other than the ones asked for (`expect`, `dtype`, `head`; None: as saved)."""
+def saved_file(folder) -> "Path | None":
+    """The quantized file of a folder written by save_quantized, or None."""
     from pathlib import Path
-    from ..config import read_json
-    from ..loading import generation_defaults, read_file, skip_init
-    from ..models import MODEL_TYPES
-    if expect is not None:
-        check_scheme(expect)
-    folder = Path(folder)
-    path = folder / QUANTIZED_FILE
-    state, meta = read_file(path)                          # the loader's one parser; fresh, aligned tensors
-    manifest = read_manifest(meta, path)
-    config = read_json(folder / "config.json", required=True)
+    path = Path(folder) / QUANTIZED_FILE
+    return path if path.is_file() else None
+
+
+def check_saved(manifest: dict, config: dict, family: str, path, *, scheme=None, dtype=None, head=None) -> None:
+    """A saved quantized model loads as it was saved: refuse (QuantizeError) a manifest written for another
+    config.json or family, or a scheme, dtype or head other than the ones asked for (None: as saved)."""
     where = f"{path}: manifest"
-    if expect is not None and expect != manifest["scheme"]:
-        raise QuantizeError(f"{where} says scheme {manifest['scheme']!r}, but quantize={expect!r} was asked for; "
-                            "re-quantize from the full-precision checkpoint")
+    if scheme is not None:
+        check_scheme(scheme)
+        if scheme != manifest["scheme"]:
+            raise QuantizeError(f"{where} says scheme {manifest['scheme']!r}, but quantize={scheme!r} was asked for; "
+                                "re-quantize from the full-precision checkpoint")
     if manifest["config_hash"] != config_hash(config):
-        raise QuantizeError(f"{where} was written for a config.json with hash {manifest['config_hash']}, and "
-                            f"{folder / 'config.json'} hashes to {config_hash(config)}: the quantized weights belong "
-                            "to another model (or config.json was edited)")
-    cls = MODEL_TYPES.get(config.get("model_type"))
-    if cls is None or cls.family != manifest["family"]:
+        raise QuantizeError(f"{where} was written for a config.json with hash {manifest['config_hash']}, and the "
+                            f"folder's config.json hashes to {config_hash(config)}: the quantized weights belong to "
+                            "another model (or config.json was edited)")
+    if family != manifest["family"]:
         raise QuantizeError(f"{where} family {manifest['family']!r} does not match config.json "
                             f"model_type={config.get('model_type')!r}")
     saved = getattr(torch, manifest["dtype"])
@@ -378,58 +374,54 @@ def load_quantized(folder, attn: str = "auto", device="cpu", expect: str | None 
             raise QuantizeError(f"{where} says {what} {manifest[what]}; {what}={str(asked).removeprefix('torch.')} was "
                                 "asked for. A quantized folder loads as it was saved: re-quantize from the "
                                 "full-precision checkpoint for another one")
-    dtype = saved
-    if any(alias in state for alias in manifest["aliases"]):
-        raise QuantizeError(f"{where} aliases {sorted(a for a in manifest['aliases'] if a in state)[:3]} name "
-                            "tensors the file also holds")
-    if any(name not in state for name in manifest["aliases"].values()):
-        raise QuantizeError(f"{where} aliases point at tensors the file does not hold: "
-                            f"{sorted(n for n in manifest['aliases'].values() if n not in state)[:3]}")
-    if any(k.endswith(".packed") for k in state):
-        raise QuantizeError(f"{path}: {next(k for k in state if k.endswith('.packed'))} is in torch's kernel layout; "
-                            "save_quantized writes int4 weights as '.codes' (see its docstring)")
-    keys = set(state) | {f"{m}.weight" for m in manifest["modules"]}
-    with skip_init(), torch.device("meta"):
-        model = cls.from_hf(config, manifest["head"], keys, str(folder / "config.json")).to(dtype)
-        found = targets(model)
-        if found != manifest["modules"]:
-            raise QuantizeError(f"{where} lists quantized modules {manifest['modules'][:3]}... ({len(manifest['modules'])}), "
-                                f"but this minibt quantizes {found[:3]}... ({len(found)}) for this config")
-        for name in found:
-            old = model.get_submodule(name)
-            bias = None if old.bias is None else torch.empty(old.out_features, dtype=dtype)
-            if manifest["scheme"] == "int8":
-                new = Int8Linear(old.in_features, old.out_features, bias)
-            else:
-                new = Int4Linear(old.in_features, old.out_features, bias, manifest["group_sizes"][name])
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-    for alias, name in manifest["aliases"].items():
-        state[alias] = state[name]
-    for name, mod in model.named_modules():
-        if isinstance(mod, Int4Linear) and f"{name}.codes" in state:   # our layout -> the kernel's
-            b, want = state.pop(f"{name}.codes"), (mod.packed.shape[0], mod.in_features // 2)
-            if b.dtype != torch.uint8 or tuple(b.shape) != want:
-                raise QuantizeError(f"{path}: {name}.codes is {tuple(b.shape)} {b.dtype}; this model needs {want} "
-                                    "torch.uint8 (two 4-bit codes a byte)")
-            codes = torch.stack([b & 15, b >> 4], -1).view(b.shape[0], -1).to(torch.int32)
-            state[f"{name}.packed"] = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    bad = [f"{k}: file {tuple(state[k].shape)} {state[k].dtype}, model {tuple(own[k].shape)} {own[k].dtype}"
-           for k in set(own) & set(state) if (state[k].shape, state[k].dtype) != (own[k].shape, own[k].dtype)]
-    if missing or unexpected or bad:
-        raise QuantizeError(f"{path}: tensors do not match the model its manifest describes; missing {missing[:5]}, "
-                            f"unexpected {unexpected[:5]}, mis-shaped {bad[:5]}")
-    # read_file's tensors are fresh allocations (aligned): the integer kernels crash on arbitrary offsets
-    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
-    for mod in model.modules():
-        if isinstance(mod, Int8Linear):
-            mod.scale_bf16 = mod.scale.to(torch.bfloat16)
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if p.is_meta:
-            raise QuantizeError(f"{path}: {name} was not filled")
-    model.quantization = {k: manifest[k] for k in ("scheme", "modules", "group_sizes")}
-    model.source = folder
-    model.generation = generation_defaults(folder, config) if cls.causal else {}
-    return model.eval().set_attention(attn)
+
+
+def saved_plan(keys, manifest: dict, path) -> tuple[dict, list]:
+    """The saved file's keys are our tensor names: the loader's plan ({name: [key]}, no unexpected keys yet),
+    with int4 `.codes` (our layout) feeding the kernel's `.packed` and each alias reading the tensor it names."""
+    keys = set(keys)
+    if any(k.endswith(".packed") for k in keys):
+        raise QuantizeError(f"{path}: {next(k for k in sorted(keys) if k.endswith('.packed'))} is in torch's kernel "
+                            "layout; save_quantized writes int4 weights as '.codes' (see its docstring)")
+    aliases = manifest["aliases"]
+    if any(alias in keys for alias in aliases):
+        raise QuantizeError(f"{path}: manifest aliases {sorted(a for a in aliases if a in keys)[:3]} name tensors the "
+                            "file also holds")
+    if any(name not in keys for name in aliases.values()):
+        raise QuantizeError(f"{path}: manifest aliases point at tensors the file does not hold: "
+                            f"{sorted(n for n in aliases.values() if n not in keys)[:3]}")
+    plan = {(k[:-len("codes")] + "packed" if k.endswith(".codes") else k): [k] for k in keys}
+    plan.update({alias: [name] for alias, name in aliases.items()})
+    return plan, []
+
+
+def swap_empty(model, manifest: dict, path) -> None:
+    """On the meta model: the quantized modules the manifest lists, empty, in place of the linear layers (their
+    integer tensors are then filled by the loader like any other)."""
+    found = targets(model)
+    if found != manifest["modules"]:
+        raise QuantizeError(f"{path}: manifest lists quantized modules {manifest['modules'][:3]}... "
+                            f"({len(manifest['modules'])}), but this minibt quantizes {found[:3]}... ({len(found)}) "
+                            "for this config")
+    for name in found:
+        old = model.get_submodule(name)
+        bias = None if old.bias is None else torch.empty(old.out_features, dtype=old.weight.dtype)
+        if manifest["scheme"] == "int8":
+            new = Int8Linear(old.in_features, old.out_features, bias)
+        else:
+            new = Int4Linear(old.in_features, old.out_features, bias, manifest["group_sizes"][name])
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def from_saved(model, name: str, t: torch.Tensor, path) -> torch.Tensor:
+    """A tensor of the saved file as the model holds it: int4 codes (two 4-bit codes a byte, our layout) repacked
+    into the kernel's layout; everything else as read."""
+    if not name.endswith(".packed"):
+        return t
+    mod = model.get_submodule(name.rpartition(".")[0])
+    codes = torch.stack([t & 15, t >> 4], -1).view(t.shape[0], -1).to(torch.int32)
+    if codes.shape[1] != mod.in_features:
+        raise QuantizeError(f"{path}: {name[:-len('packed')]}codes has {codes.shape[1]} codes a row; the layer has "
+                            f"{mod.in_features} inputs")
+    return torch._convert_weight_to_int4pack_for_cpu(codes, 1)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.llama import RMSNorm
+
 
 class LayerNormRMS(nn.Module):
     def __init__(self, norm):
@@ -24,16 +26,11 @@ class LayerNormRMS(nn.Module):
 
 
 def applies(model) -> bool:
-    from ..models.llama import RMSNorm
     return any(isinstance(m, RMSNorm) for m in model.modules())
 
 
-def apply(model) -> int:
-    from ..models.llama import RMSNorm
-    swapped = 0
+def apply(model) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is RMSNorm:
                 setattr(parent, name, LayerNormRMS(child))
-                swapped += 1
-    return swapped

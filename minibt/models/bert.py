@@ -2,7 +2,7 @@
 
 RoBERTa and DistilBERT (roberta.py, distilbert.py) reuse all of it and say only what differs. Shape legend in
 minibt/attention/__init__.py. Between the entry and the exit the batch may be packed, (1, T, H): the real tokens of
-every row back to back (models/common.py TokenLayout decides, once per forward).
+every row back to back (the forward's `Batch`, attention/batch.py, decides once).
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..attention import INT_DTYPES, Batch, check_ids, check_mask
 from ..config import Fields
-from .common import ACTIVATIONS, Model, Output, TokenLayout, activation, check_inputs
+from ..errors import InputError
+from .common import ACTIVATIONS, Model, Output, activation
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -32,6 +34,7 @@ class BertConfig:
     mlm_act: str | None = None               # activation of the masked-LM transform; None: hidden_act
     tie_word_embeddings: bool = True
     num_labels: int = 2
+    add_pooling_layer: bool = True           # false for checkpoints saved without one (weights_map: [absent])
 
     @classmethod
     def from_hf(cls, c: dict, where: str = "config.json") -> "BertConfig":
@@ -44,7 +47,8 @@ class BertConfig:
                   max_positions=f.int("max_position_embeddings", 512), type_vocab_size=f.int("type_vocab_size", 2),
                   layer_norm_eps=f.float("layer_norm_eps", 1e-12, positive=True),
                   pad_token_id=f.int("pad_token_id", 0, min=0, none_ok=True) or 0,
-                  tie_word_embeddings=f.bool("tie_word_embeddings", True), num_labels=f.labels())
+                  tie_word_embeddings=f.bool("tie_word_embeddings", True), num_labels=f.labels(),
+                  add_pooling_layer=f.bool("add_pooling_layer", True))
         f.divides("hidden_size", "num_attention_heads", cfg.hidden_size, cfg.num_heads)
         return cfg
 
@@ -78,11 +82,11 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(h, 3 * h)                  # query, key, value in one matmul (weights_map `fuse`)
         self.out = nn.Linear(h, h)
 
-    def forward(self, x, mask, attend):
+    def forward(self, x, batch: Batch):
         b, s, h = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, Hq, S, D)
-        a = attend(q, k, v, mask=mask, scale=self.head_dim ** -0.5)                               # (B, Hq, S, D)
-        return self.out(a.transpose(1, 2).reshape(b, s, h))                                       # (B, S, H)
+        a, probs = batch.attend(q, k, v, scale=self.head_dim ** -0.5)                             # (B, Hq, S, D)
+        return self.out(a.transpose(1, 2).reshape(b, s, h)), probs                                # (B, S, H)
 
 
 class MLP(nn.Module):
@@ -108,18 +112,22 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, mask, attend):
-        x = self.norm1(x + self.attention(x, mask, attend))
-        return self.norm2(x + self.mlp(x))
+    def forward(self, x, batch: Batch):
+        a, probs = self.attention(x, batch)
+        x = self.norm1(x + a)
+        return self.norm2(x + self.mlp(x)), probs
 
 
-class Encoder(nn.ModuleList):
-    """The layer stack: x -> layer 1 -> ... -> layer N."""
+class LayerStack(nn.ModuleList):
+    """x -> layer 1 -> ... -> layer N; -> (x, each layer's probabilities or None). A module of its own so that the
+    fused transform (kernels/fused_encoder.py) can swap the whole stack for one that runs torch's fused op."""
 
-    def forward(self, x, mask, attend):
+    def forward(self, x, batch: Batch):
+        attentions = []
         for layer in self:
-            x = layer(x, mask, attend)
-        return x
+            x, probs = layer(x, batch)
+            attentions.append(probs)
+        return x, attentions
 
 
 # ------------------------------------------------------------------------------------------------------ heads
@@ -156,27 +164,20 @@ class ClassifierHead(nn.Module):
 
 class Bert(Model):
     family = "bert"
-    config_class = BertConfig
+    config_from_hf = staticmethod(BertConfig.from_hf)
     head_kinds = ("base", "masked-lm", "sequence-classification")
-    has_pooler = True
     classifier_act: str | None = None               # RoBERTa: tanh, DistilBERT: relu (they have no pooler)
 
-    def __init__(self, cfg: BertConfig, head: str = "base", pooler: bool = True):
+    def __init__(self, cfg: BertConfig, head: str = "base"):
         super().__init__()
         self.config, self.head = cfg, head
         self.embeddings = Embeddings(cfg)
-        self.layers = Encoder(EncoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if pooler else None
-        self.mlm = MaskedLMHead(cfg) if head == "masked-lm" else None
+        self.layers = LayerStack(EncoderLayer(cfg) for _ in range(cfg.num_layers))
         classify = head == "sequence-classification"
+        pooled = cfg.add_pooling_layer or (classify and self.classifier_act is None)   # BERT's classifier reads it
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if pooled else None
+        self.mlm = MaskedLMHead(cfg) if head == "masked-lm" else None
         self.classifier = ClassifierHead(cfg, self.classifier_act) if classify else None
-        self.set_attention("auto")
-
-    @classmethod
-    def from_hf(cls, config: dict, head: str, keys: set, where: str = "config.json"):
-        cfg = cls.config_class.from_hf(config, where)
-        pooler = cls.has_pooler and any(k.startswith("pooler.") for k in keys)
-        return cls(cfg, head, pooler=pooler or (head == "sequence-classification" and cls.classifier_act is None))
 
     def tied(self):
         return {"mlm.decoder.weight": "embeddings.word.weight"} if self.mlm and self.config.tie_word_embeddings else {}
@@ -188,17 +189,34 @@ class Bert(Model):
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_attentions=False) -> Output:
-        attention_mask = check_inputs(input_ids, attention_mask, vocab_size=self.config.vocab_size,
-                                      max_length=self.max_length())
-        token_type_ids = self.check_token_types(input_ids, token_type_ids)
+        check_ids(input_ids, vocab_size=self.config.vocab_size, max_length=self.max_length())
+        mask = check_mask(attention_mask, input_ids.shape, device=input_ids.device)
+        token_type_ids = check_token_types(token_type_ids, input_ids, self.config.type_vocab_size)
         positions = self.position_ids(input_ids)
-        backend, attend, probs = self.bind(attention_mask, output_attentions)
-        layout = TokenLayout(attention_mask, input_ids.shape, packed=backend.packed, causal=False)
-        x = self.embeddings(layout.pack(input_ids), layout.pack(token_type_ids), layout.pack(positions))
-        x = self.layers(x, layout.mask, attend)                              # (B, S, H), or (1, T, H) packed
-        logits = layout.unpack(self.mlm(x)) if self.mlm is not None else None
-        x = layout.unpack(x)                                                  # (B, S, H), exactly 0 at padding
+        batch = Batch(mask, input_ids.shape, self.backend, probs=output_attentions)
+
+        x = self.embeddings(batch.pack(input_ids), batch.pack(token_type_ids), batch.pack(positions))
+        x, attentions = self.layers(x, batch)                                 # (B, S, H), or (1, T, H) packed
+
+        logits = batch.unpack(self.mlm(x)) if self.mlm is not None else None
+        x = batch.unpack(x)                                                   # (B, S, H), exactly 0 at padding
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         if self.classifier is not None:
             logits = self.classifier(x[:, 0], pooled)
-        return Output(x, logits, pooled, tuple(probs) if probs is not None else None)
+        return Output(x, logits, pooled, tuple(attentions) if output_attentions else None)
+
+
+def check_token_types(token_type_ids, input_ids, type_vocab_size: int):
+    """token_type_ids: zeros when absent; else integer, input_ids' shape, below type_vocab_size."""
+    types = max(type_vocab_size, 1)
+    if token_type_ids is None:
+        return torch.zeros_like(input_ids)
+    if not isinstance(token_type_ids, torch.Tensor) or token_type_ids.dtype not in INT_DTYPES:
+        raise InputError("token_type_ids must be an integer tensor")
+    if tuple(token_type_ids.shape) != tuple(input_ids.shape):
+        raise InputError(f"token_type_ids shape {tuple(token_type_ids.shape)} does not match input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    if token_type_ids.numel() and (int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= types):
+        raise InputError(f"token_type_ids must be in [0, {types}) (type_vocab_size={type_vocab_size} in "
+                         f"config.json), found {int(token_type_ids.max())}")
+    return token_type_ids

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..attention import Batch, check_ids, check_mask, check_positions
 from ..config import Fields
 from ..errors import ConfigError
-from .causal import CausalLM, causal_entry, causal_output
-from .common import ACTIVATIONS, activation
+from .common import ACTIVATIONS, CausalLM, Output, activation
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -167,18 +167,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)      # q, k, v in one matmul
         self.out = nn.Linear(q, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x, layout, attend, cache, cos, sin):
+    def forward(self, x, batch: Batch):
         b, s, _ = x.shape
         heads = self.num_heads + 2 * self.num_kv_heads
         qk, v = self.qkv(x).view(b, s, heads, self.head_dim).split(
             (self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=2)          # (B, S, Hq + Hkv, D), (B, S, Hkv, D)
-        qk = apply_rope(qk, cos, sin).transpose(1, 2)                                  # q and k rotated in one call
+        qk = apply_rope(qk, *batch.rope).transpose(1, 2)                               # q and k rotated in one call
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)                    # (B, Hq, S, D), (B, Hkv, S, D)
         v = v.transpose(1, 2)                                                          # (B, Hkv, S, D)
-        if cache is not None:
-            k, v = cache.update(self.index, k, v, layout.packing)                      # (B, Hkv, past + S, D)
-        a = attend(q, k, v, mask=layout.mask, scale=self.head_dim ** -0.5)             # (B, Hq, S, D)
-        return self.out(a.transpose(1, 2).reshape(b, s, -1))                           # (B, S, H)
+        if batch.cache is not None:                    # written at positions past.., read back from 0
+            k, v = batch.cache.write(self.index, k, v, batch.past, batch.packing)     # (B, Hkv, past + S, D)
+        a, probs = batch.attend(q, k, v, scale=self.head_dim ** -0.5)                  # (B, Hq, S, D)
+        return self.out(a.transpose(1, 2).reshape(b, s, -1)), probs                    # (B, S, H)
 
 
 class MLP(nn.Module):
@@ -205,15 +205,17 @@ class LlamaLayer(nn.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, layout, attend, cache, cos, sin):
-        x = x + self.attention(self.norm1(x), layout, attend, cache, cos, sin)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, batch: Batch):
+        a, probs = self.attention(self.norm1(x), batch)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), probs
 
 
 # ------------------------------------------------------------------------------------------------------ model
 
 class Llama(CausalLM):
     family = "llama"
+    config_from_hf = staticmethod(LlamaConfig.from_hf)
 
     def __init__(self, cfg: LlamaConfig, head: str = "causal-lm"):
         super().__init__()
@@ -223,14 +225,6 @@ class Llama(CausalLM):
         self.layers = nn.ModuleList(LlamaLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if head == "causal-lm" else None
-        self.set_attention("auto")
-
-    @classmethod
-    def from_hf(cls, config: dict, head: str, keys: set, where: str = "config.json"):
-        cfg = LlamaConfig.from_hf(config, where)
-        if head == "causal-lm" and "lm_head.weight" not in keys:
-            cfg.tie_word_embeddings = True          # checkpoints without lm_head.weight load tied
-        return cls(cfg, head)
 
     def max_length(self) -> int:
         # linear / dynamic scaling stretch the trained positions by `factor`; llama3 configs already state the
@@ -240,15 +234,31 @@ class Llama(CausalLM):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 output_attentions=False, last_only=False):
-        """input_ids (B, S); attention_mask (B, past + S) over cached and new tokens (left padding);
-        past_key_values: a KVCache (models/kv_cache.py) that this call reads and extends."""
+        """input_ids (B, S); attention_mask (B, past + S) over cached and new tokens (left padding: 1 = real);
+        past_key_values: a KVCache (attention/cache.py) that this call reads and extends; last_only: the hidden
+        state and logits of the last position only (generation's next token)."""
         cache = past_key_values
-        layout, positions, attend, probs = causal_entry(self, input_ids, attention_mask, position_ids, cache,
-                                                        output_attentions)
-        x = self.embed(layout.pack(input_ids))                                   # (B, S, H), or (1, T, H) packed
-        cos, sin = self.rope(positions, x.dtype)
+        past = cache.length if cache is not None else 0
+        check_ids(input_ids, vocab_size=self.config.vocab_size, max_length=self.max_length() - past)
+        b, s = input_ids.shape
+        mask = check_mask(attention_mask, (b, past + s), "(batch, cached + new tokens)", input_ids.device)
+        if position_ids is None:        # a row's first real token is position 0, whatever its left padding
+            position_ids = (mask.cumsum(1) - 1).clamp(min=0)[:, past:]
+        check_positions(position_ids, (b, s))
+        batch = Batch(mask, (b, s), self.backend, causal=True, cache=cache, probs=output_attentions)
+
+        x = self.embed(batch.pack(input_ids))                                    # (B, S, H), or (1, T, H) packed
+        batch.rope = self.rope(batch.pack(position_ids), x.dtype)                # cos, sin (B, S, D) for every layer
+        attentions = []
         for layer in self.layers:
-            x = layer(x, layout, attend, cache, cos, sin)
-        if cache is not None:
-            cache.advance(input_ids.shape[1])
-        return causal_output(layout, self.norm(x), self.lm_head, probs, cache, last_only)
+            x, probs = layer(x, batch)
+            attentions.append(probs)
+        x = self.norm(x)
+
+        if last_only:
+            x = batch.unpack(x)[:, -1:]                                          # left padding: the last column is real
+            logits = self.lm_head(x) if self.lm_head is not None else None
+        else:
+            logits = batch.unpack(self.lm_head(x)) if self.lm_head is not None else None
+            x = batch.unpack(x)
+        return Output(x, logits, attentions=tuple(attentions) if output_attentions else None, past_key_values=cache)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..attention import Batch, check_ids, check_mask, check_positions
 from ..config import Fields
-from .causal import CausalLM, causal_entry, causal_output
-from .common import ACTIVATIONS, activation
+from .common import ACTIVATIONS, CausalLM, Output, activation
 
 # Why 2: fairseq reserved the first two rows of the position table (padding_idx + 1); hub checkpoints keep them.
 POSITION_OFFSET = 2
@@ -73,13 +73,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(h, 3 * h, bias=cfg.bias)                                  # q, k, v in one matmul
         self.out = nn.Linear(h, h, bias=cfg.bias)
 
-    def forward(self, x, layout, attend, cache):
+    def forward(self, x, batch: Batch):
         b, s, h = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, Hq, S, D)
-        if cache is not None:
-            k, v = cache.update(self.index, k, v, layout.packing)                      # (B, Hq, past + S, D)
-        a = attend(q, k, v, mask=layout.mask, scale=self.head_dim ** -0.5)             # (B, Hq, S, D)
-        return self.out(a.transpose(1, 2).reshape(b, s, h))                            # (B, S, H)
+        if batch.cache is not None:                    # written at positions past.., read back from 0
+            k, v = batch.cache.write(self.index, k, v, batch.past, batch.packing)     # (B, Hq, past + S, D)
+        a, probs = batch.attend(q, k, v, scale=self.head_dim ** -0.5)                  # (B, Hq, S, D)
+        return self.out(a.transpose(1, 2).reshape(b, s, h)), probs                     # (B, S, H)
 
 
 class MLP(nn.Module):
@@ -104,18 +104,21 @@ class OPTLayer(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.hidden_size)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, layout, attend, cache):
+    def forward(self, x, batch: Batch):
         if self.pre_norm:
-            x = x + self.attention(self.norm1(x), layout, attend, cache)
-            return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attention(x, layout, attend, cache))
-        return self.norm2(x + self.mlp(x))
+            a, probs = self.attention(self.norm1(x), batch)
+            x = x + a
+            return x + self.mlp(self.norm2(x)), probs
+        a, probs = self.attention(x, batch)
+        x = self.norm1(x + a)
+        return self.norm2(x + self.mlp(x)), probs
 
 
 # ------------------------------------------------------------------------------------------------------ model
 
 class OPT(CausalLM):
     family = "opt"
+    config_from_hf = staticmethod(OPTConfig.from_hf)
 
     def __init__(self, cfg: OPTConfig, head: str = "causal-lm"):
         super().__init__()
@@ -128,32 +131,42 @@ class OPT(CausalLM):
         self.final_norm = nn.LayerNorm(cfg.hidden_size) if cfg.final_norm else None
         self.project_out = nn.Linear(cfg.hidden_size, cfg.embed_dim, bias=False) if projected else None
         self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False) if head == "causal-lm" else None
-        self.set_attention("auto")
-
-    @classmethod
-    def from_hf(cls, config: dict, head: str, keys: set, where: str = "config.json"):
-        return cls(OPTConfig.from_hf(config, where), head)
 
     def max_length(self) -> int:
         return self.config.max_positions
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 output_attentions=False, last_only=False):
-        """input_ids (B, S); attention_mask (B, past + S) over cached and new tokens (left padding);
-        past_key_values: a KVCache (models/kv_cache.py) that this call reads and extends."""
+        """input_ids (B, S); attention_mask (B, past + S) over cached and new tokens (left padding: 1 = real);
+        past_key_values: a KVCache (attention/cache.py) that this call reads and extends; last_only: the hidden
+        state and logits of the last position only (generation's next token)."""
         cache = past_key_values
-        layout, positions, attend, probs = causal_entry(self, input_ids, attention_mask, position_ids, cache,
-                                                        output_attentions)
-        x = self.embed(layout.pack(input_ids))                                   # (B, S, E), or (1, T, E) packed
+        past = cache.length if cache is not None else 0
+        check_ids(input_ids, vocab_size=self.config.vocab_size, max_length=self.max_length() - past)
+        b, s = input_ids.shape
+        mask = check_mask(attention_mask, (b, past + s), "(batch, cached + new tokens)", input_ids.device)
+        if position_ids is None:        # a row's first real token is position 0, whatever its left padding
+            position_ids = (mask.cumsum(1) - 1).clamp(min=0)[:, past:]
+        check_positions(position_ids, (b, s))
+        batch = Batch(mask, (b, s), self.backend, causal=True, cache=cache, probs=output_attentions)
+
+        x = self.embed(batch.pack(input_ids))                                    # (B, S, E), or (1, T, E) packed
         if self.project_in is not None:
             x = self.project_in(x)                                               # E -> H
-        x = x + self.positions(positions + POSITION_OFFSET)
+        x = x + self.positions(batch.pack(position_ids) + POSITION_OFFSET)
+        attentions = []
         for layer in self.layers:
-            x = layer(x, layout, attend, cache)
-        if cache is not None:
-            cache.advance(input_ids.shape[1])
+            x, probs = layer(x, batch)
+            attentions.append(probs)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)                                              # H -> E
-        return causal_output(layout, x, self.lm_head, probs, cache, last_only)
+
+        if last_only:
+            x = batch.unpack(x)[:, -1:]                                          # left padding: the last column is real
+            logits = self.lm_head(x) if self.lm_head is not None else None
+        else:
+            logits = batch.unpack(self.lm_head(x)) if self.lm_head is not None else None
+            x = batch.unpack(x)
+        return Output(x, logits, attentions=tuple(attentions) if output_attentions else None, past_key_values=cache)

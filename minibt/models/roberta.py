@@ -8,19 +8,18 @@ from ..errors import ConfigError
 from .bert import Bert, BertConfig
 
 
-class RobertaConfig(BertConfig):
-    @classmethod
-    def from_hf(cls, c: dict, where: str = "config.json") -> BertConfig:
-        pad = Fields(c, where).int("pad_token_id", 1, min=0, none_ok=True)
-        if pad is None:
-            raise ConfigError(f"{where}: pad_token_id is null, but RoBERTa numbers its positions from "
-                              "pad_token_id + 1: set it (1 in every released RoBERTa)")
-        return replace(BertConfig.from_hf(c, where), pad_token_id=pad, mlm_act="gelu")
+def roberta_config(c: dict, where: str = "config.json") -> BertConfig:
+    """BERT's fields, with pad_token_id required (positions count from it) and a GELU MLM transform."""
+    pad = Fields(c, where).int("pad_token_id", 1, min=0, none_ok=True)
+    if pad is None:
+        raise ConfigError(f"{where}: pad_token_id is null, but RoBERTa numbers its positions from "
+                          "pad_token_id + 1: set it (1 in every released RoBERTa)")
+    return replace(BertConfig.from_hf(c, where), pad_token_id=pad, mlm_act="gelu")
 
 
 class Roberta(Bert):
     family = "roberta"
-    config_class = RobertaConfig
+    config_from_hf = staticmethod(roberta_config)
     classifier_act = "tanh"
 
     def max_length(self):

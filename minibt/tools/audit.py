@@ -14,7 +14,7 @@ import torch
 
 from .. import attention
 from ..attention import Backend
-from ..kernels.padding import Packing
+from ..attention import Packing
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}   # on max relative error
 
@@ -49,7 +49,7 @@ def _trace(model, backend: Backend, inputs: dict):
         out = backend.fn(q, k, v, mask=mask, scale=scale)
         attn_out.append(out.transpose(1, 2))                                    # (B|1, S|T, Hq, D)
         return out
-    hooks = [layer.register_forward_hook(lambda m, a, out: hidden.append(out)) for layer in model.layers]
+    hooks = [layer.register_forward_hook(lambda m, a, out: hidden.append(out[0])) for layer in model.layers]  # (x, probs)
     saved = model.attn
     model.set_attention(backend.name)                    # leaves attn="fused" (whole-stack path) if it was set
     model.backend = Backend(backend.name, recording, backend.packed)
@@ -215,7 +215,7 @@ def audit_quantized(fp_model, q_model, inputs: dict, backend: str = "sdpa") -> Q
     traces = []
     for model in (fp_model, q_model):
         hidden = []
-        hooks = [layer.register_forward_hook(lambda m, a, out: hidden.append(out)) for layer in model.layers]
+        hooks = [layer.register_forward_hook(lambda m, a, out: hidden.append(out[0])) for layer in model.layers]  # (x, probs)
         saved = model.attn
         try:
             with torch.inference_mode():

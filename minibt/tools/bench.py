@@ -43,15 +43,16 @@ def padded_batch(batch: int, length: int, padding: float, vocab: int, seed: int 
 def random_model(shape: str, dtype, compile: bool = False):
     """A bert-shaped minibt model with random weights (no checkpoint, no download)."""
     import torch
-    from ..kernels import compile as compile_transform
+    from ..kernels import compile_mlp
     from ..models.bert import Bert, BertConfig
     c = SHAPES[shape]
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
-                     num_heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"])
-    model = Bert(cfg, pooler=False).to(dtype).eval()
+                     num_heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"],
+                     add_pooling_layer=False)
+    model = Bert(cfg).to(dtype).eval()
     if compile:
-        compile_transform.apply(model)
+        compile_mlp.apply(model)
     return model
 
 

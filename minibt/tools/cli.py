@@ -58,7 +58,7 @@ class _Backends:
     imports torch, which `minibt --help` should not pay for)."""
 
     def names(self):
-        from .. import attention
+        from .. import attention, kernels     # kernels registers the model-level backend `fused`
         return attention.backends()
 
     def __contains__(self, name):

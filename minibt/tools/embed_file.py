@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..embed import Recipe, embed
+from ..embedding import Recipe, embed
 from ..errors import InputError, MinibtError
 from .progress import Progress
 

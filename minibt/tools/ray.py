@@ -62,7 +62,7 @@ class Embedder:
         self.node = ray.get_runtime_context().get_node_id()
 
     def vectors(self, texts: list[str]) -> pa.FixedSizeListArray:
-        from ..embed import embed
+        from ..embedding import embed
         vecs = embed(self.model, self.tok, texts, batch_tokens=self.batch_tokens).numpy()
         return pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..embed import Recipe, pool, token_batches
+from ..embedding import Recipe, pool, token_batches
 from ..errors import ConfigError, MinibtError
 
 log = logging.getLogger("minibt.serve")

@@ -12,9 +12,8 @@ def applies(model) -> bool:
     return not getattr(model, "causal", False)
 
 
-def apply(model) -> int:
+def apply(model) -> None:
     if not applies(model):
         raise BackendError(f"compile=True is implemented for encoders only, not {model.family}")
     for layer in model.layers:
         layer.mlp.compile(dynamic=True)
-    return len(model.layers)
