@@ -1,4 +1,5 @@
-"""minibt.ray_data on a real local Ray cluster: the vectors of minibt.embed, every row exactly once, errors before work.
+"""minibt.ray_data (minibt/tools/ray.py) on a real local Ray cluster: the vectors of minibt.embed, every row exactly
+once, errors before work.
 
 One local cluster (`ray.init(num_cpus=2)`) serves the module; the two-node test starts its own with `ray start`
 (a head and a second node with its own temp folder, both on this machine) and stops every process it started."""
