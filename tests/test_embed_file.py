@@ -143,16 +143,28 @@ def interrupted(minilm, tmp_path, monkeypatch, capsys, suffix=".npy", fail_at=3)
     src = corpus(tmp_path / "c.txt", n=150)
     out = tmp_path / f"v{suffix}"
     calls = {"n": 0}
-    real = ef.Writer._raw_write
 
-    def disk_full(self, data):
-        calls["n"] += 1
-        if calls["n"] == fail_at + 1:                                # +1: the header write comes first
-            self.file.write(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(self, data)
+    class DiskFillsUp:
+        """The real output file, but its `fail_at`-th data write stops half way on a full disk."""
+
+        def __init__(self, file):
+            self.file = file
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def write(self, data):
+            calls["n"] += 1
+            if calls["n"] == fail_at + 1:                            # +1: the header write comes first
+                self.file.write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+    def open_out(path, *args, **kw):                                 # embed_file's `open`, for `out` only
+        f = open(path, *args, **kw)
+        return DiskFillsUp(f) if Path(path) == out else f
     with monkeypatch.context() as m:
-        m.setattr(ef.Writer, "_raw_write", disk_full)
+        m.setattr(ef, "open", open_out, raising=False)
         assert minibt_cli.main(["embed", "--file", str(src), "--out", str(out), "--chunk", "32"]) == 2
     err = capsys.readouterr().err
     assert "the disk is full (ENOSPC)" in err and "first 64 rows are safely on disk" in err and "--resume" in err

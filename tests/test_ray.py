@@ -1,4 +1,5 @@
-"""minibt.ray on a real local Ray cluster: the vectors of minibt.embed, every row exactly once, errors before work.
+"""minibt.ray_data (minibt/tools/ray.py) on a real local Ray cluster: the vectors of minibt.embed, every row exactly
+once, errors before work.
 
 One local cluster (`ray.init(num_cpus=2)`) serves the module; the two-node test starts its own with `ray start`
 (a head and a second node with its own temp folder, both on this machine) and stops every process it started."""
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq                                   # noqa: E402
 import minibt                                                  # noqa: E402
 from minibt.errors import CheckpointError, InputError          # noqa: E402
 from minibt.tools import ray as mray                           # noqa: E402
+from minibt.tools.lines import split                           # noqa: E402
 
 
 def real_texts(n: int) -> list[str]:
@@ -124,12 +127,46 @@ def test_corpus_to_shards_then_resume(cluster, minilm, reference, tmp_path, caps
     assert read_shards(out).equals(table)
 
 
-def test_actor_killed_mid_batch_every_row_once(cluster, minilm, reference, tmp_path):
+def crash_once(monkeypatch, actor: type, marker: Path, after_temp_file: bool = False) -> None:
+    """Ray Data runs minibt's actor class `actor` as a subclass whose process exits as a crash would, once in the
+    whole run (the first process to create `marker`): after a batch's work and before its answer, or with
+    `after_temp_file`, when a shard's temporary file is written and not yet renamed (pyarrow's real write_table
+    patched in that actor). The subclass goes in through Ray's real `Dataset.map_batches`, so minibt's own names stay
+    untouched; it is built in this function so that cloudpickle ships it to the actors by value (Ray's workers do
+    not import this test module)."""
+    def die():
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))      # atomic: one process, one time
+        except FileExistsError:
+            return
+        os._exit(1)
+
+    write = pq.write_table
+
+    def write_then_die(*args, **kw):
+        write(*args, **kw)
+        die()
+
+    class DiesOnce(actor):
+        def __call__(self, batch):
+            if after_temp_file:
+                with mock.patch.object(pq, "write_table", write_then_die):
+                    return super().__call__(batch)
+            out = super().__call__(batch)
+            die()
+            return out
+
+    map_batches = ray.data.Dataset.map_batches
+    monkeypatch.setattr(ray.data.Dataset, "map_batches",
+                        lambda self, fn, *args, **kw: map_batches(self, DiesOnce if fn is actor else fn, *args, **kw))
+
+
+def test_actor_killed_mid_batch_every_row_once(cluster, minilm, reference, tmp_path, monkeypatch):
     texts = real_texts(240)
     marker = tmp_path / "crashed"
     src = corpus_file(tmp_path / "corpus.txt", texts)
-    s = mray.embed_corpus([src], tmp_path / "out", str(minilm), shard_rows=40, progress=False, actors=2,
-                          fail_once=str(marker))
+    crash_once(monkeypatch, mray.ShardWriter, marker, after_temp_file=True)
+    s = mray.embed_corpus([src], tmp_path / "out", str(minilm), shard_rows=40, progress=False, actors=2)
     assert marker.exists()                                 # an actor died after writing a shard's temp file
     assert s["embedded"] == 240 and s["shards_written"] == 6
     table = read_shards(tmp_path / "out")
@@ -139,8 +176,8 @@ def test_actor_killed_mid_batch_every_row_once(cluster, minilm, reference, tmp_p
 
     marker2 = tmp_path / "crashed-dataset"                 # the same through embed_dataset's batches
     ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)])
-    got = pa.concat_tables(ray.get(mray.embed_dataset(ds, str(minilm), actors=1, batch_size=40,
-                                                      fail_once=str(marker2)).to_arrow_refs()))
+    crash_once(monkeypatch, mray.Embedder, marker2)
+    got = pa.concat_tables(ray.get(mray.embed_dataset(ds, str(minilm), actors=1, batch_size=40).to_arrow_refs()))
     assert marker2.exists()
     assert sorted(got["id"].to_pylist()) == list(range(240))
 
@@ -169,8 +206,32 @@ def test_lines_follow_embed_file_rule(tmp_path):
     shards, invalid, first = mray.plan_shards([tmp_path / "c.txt"], 2)
     assert [(s["first_id"], s["rows"]) for s in shards] == [(0, 2), (2, 2), (4, 2)]
     assert (invalid, first) == (1, f"{tmp_path / 'c.txt'} line 3")
-    got = [line for s in shards for line in mray._lines(data[s["start"]:s["end"]])]
+    got = [line for s in shards for line in split(data[s["start"]:s["end"]], at_start=s["start"] == 0)]
     assert got == ["crlf", "keeps\r", "\ufffd\ufffd bad", "", "form\x0cfeed\u2028x", "last"]
+
+
+def test_file_and_ray_read_the_same_rows(cluster, minilm, tmp_path, monkeypatch):
+    """One line rule for `embed --file` and `embed --ray`: the same bytes (a byte-order mark, CRLF, a stray \\r,
+    invalid UTF-8, an empty line, no final newline) give the same texts, row for row and vector for vector."""
+    from minibt.tools import cli, embed_file
+    data = b"\xef\xbb\xbfa byte-order mark first\r\na stray \r inside\n\xff\xfe bad\n\nlast"
+    texts = ["a byte-order mark first", "a stray \r inside", "\ufffd\ufffd bad", "", "last"]
+    src = tmp_path / "c.txt"
+    src.write_bytes(data)
+    seen = []                                              # what `--file` embeds (sorted by length per piece)
+
+    def embed(model, tok, piece, **kw):
+        seen.extend(piece)
+        return minibt.embed(model, tok, piece, **kw)
+    monkeypatch.setattr(embed_file, "embed", embed)
+    model = ["--model", str(minilm)]
+    assert cli.main(["embed", "--file", str(src), "--out", str(tmp_path / "f.jsonl"), *model]) == 0
+    assert cli.main(["embed", "--ray", "--file", str(src), "--out", str(tmp_path / "r"), "--with-text",
+                     "--shard-rows", "2", "--actors", "1", *model]) == 0
+    table = read_shards(tmp_path / "r")
+    assert table["text"].to_pylist() == texts and sorted(seen) == sorted(texts)
+    from_file = np.array([json.loads(line)["vector"] for line in (tmp_path / "f.jsonl").read_text().splitlines()])
+    assert np.abs(np.stack(table["embedding"].to_numpy(zero_copy_only=False)) - from_file).max() < 1e-5
 
 
 def test_command_flags(minilm, tmp_path):
@@ -268,7 +329,7 @@ def _wait_for_nodes(address: str, n: int, env: dict, log: Path, timeout: float =
 def test_import_minibt_does_not_import_ray():
     code = ("import sys, minibt, minibt.embedding, minibt.tools.cli, minibt.tools.ray_command\n"
             "assert 'ray' not in sys.modules and 'pyarrow' not in sys.modules\n"
-            "import minibt.ray; print(minibt.ray.embed_dataset)")
+            "import minibt.ray_data; print(minibt.ray_data.embed_dataset)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "embed_dataset" in r.stdout, r.stderr
 
@@ -278,7 +339,7 @@ def test_without_the_extra_the_command_says_what_to_install():
             "import argparse, minibt.tools.ray as m, minibt.tools.ray_command as c\n"
             "p = argparse.ArgumentParser(); c.add_arguments(p)\n"   # the CLI can still build its parser
             "try:\n    m.embed_dataset(None, 'x')\nexcept minibt.MinibtError as e:\n    print('A', e)\n"
-            "try:\n    import minibt.ray\nexcept ImportError as e:\n    print('B', e)\n")
+            "try:\n    import minibt.ray_data\nexcept ImportError as e:\n    print('B', e)\n")
     r = subprocess.run([sys.executable, "-c", "import minibt\n" + code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("pip install 'minibt[ray]'") == 2, r.stdout

@@ -16,7 +16,7 @@ from .. import attention
 from ..attention import Backend
 from ..attention import Packing
 
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}   # on max relative error
+RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}   # on max relative error
 
 
 @dataclass
@@ -29,7 +29,7 @@ class AuditResult:
 
     def table(self) -> str:
         lines = ["| backend | ms / forward | peak live MB | max rel. error (hidden states and attention outputs) | "
-                 f"first layer out of tolerance ({TOLERANCE[self.dtype]:.0e}) |", "|---|---|---|---|---|"]
+                 f"first layer out of tolerance ({RELATIVE_TOLERANCE[self.dtype]:.0e}) |", "|---|---|---|---|---|"]
         for name, s in self.summary.items():
             bad = "none" if s["first_bad_layer"] is None else str(s["first_bad_layer"])
             lines.append(f"| {name} | {s['ms']:.1f} | {s['peak_mb']:.1f} | {s['max_rel']:.1e} | {bad} |")
@@ -126,7 +126,7 @@ def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None,
                 row["attn_rel"] = row["attn_abs"] / max(ra.abs().max().item(), 1e-30)
                 row["hidden_rel"] = row["hidden_abs"] / max(rh.abs().max().item(), 1e-30)
                 worst = max(worst, row["hidden_rel"], row["attn_rel"])
-                if first_bad is None and max(row["hidden_rel"], row["attn_rel"]) > TOLERANCE[dtype]:
+                if first_bad is None and max(row["hidden_rel"], row["attn_rel"]) > RELATIVE_TOLERANCE[dtype]:
                     first_bad = i
                 result.rows.append(row)
             with torch.inference_mode():
@@ -164,7 +164,7 @@ def write_report(result: AuditResult, folder: Path) -> Path:
         for name in result.summary:
             pts = [(r["layer"], max(r["hidden_rel"], 1e-18)) for r in result.rows if r["backend"] == name]
             ax.semilogy([p for p, _ in pts], [e for _, e in pts], marker="o", label=name)
-        ax.axhline(TOLERANCE[result.dtype], color="k", linestyle=":", label="tolerance")
+        ax.axhline(RELATIVE_TOLERANCE[result.dtype], color="k", linestyle=":", label="tolerance")
         ax.set_xlabel("layer")
         ax.set_ylabel("max relative error of hidden states vs naive fp64")
         ax.set_title(result.title or f"dtype {str(result.dtype).removeprefix('torch.')}")

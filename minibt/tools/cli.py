@@ -1,14 +1,17 @@
 """The `minibt` command.
 
-One table, COMMANDS, says what each command is and which flags it takes: `minibt --help`, each command's `--help`,
-the parser and the README's command table (checked by tests/test_cli.py) all come from it. A command module adds
-its own flags with `add_arguments(parser)` and runs with `run(args)`; shared flags (--model, --attn, --dtype) come
-from the helpers below, so they are validated the same way everywhere.
+One table, COMMANDS, says what each command is and which flags it takes: `minibt --help`, each command's `--help`, the
+parser and the README's command table (checked by tests/test_cli.py) all come from it. Each `Command` pairs the
+function that adds its flags to its subparser (`<name>_args(p)`) with the one that runs it (`<name>_run(args)`); both
+are written here, and they import the tool modules that do the work (embed_file, audit, bench, serve, ...) inside,
+never at this module's top. One part lives elsewhere: `embed --ray`'s flags and runner are in ray_command.py (which
+adds them without importing ray), and embed_args / embed_run call them. Flags several commands share (--model, --attn,
+--dtype, --quantize) come from one `add_*` helper each, below, so they are defined and validated the same way
+everywhere.
 
-Adding a command (e.g. `serve`): give its module `add_arguments(parser)` and `run(args)` (no torch import at the
-module's top), add one `Command(...)` to COMMANDS and its row to the README's command table (tests/test_cli.py
-fails until the row lists exactly the parser's flags). A flag several commands share (e.g. `--quantize`) gets one
-`add_*` helper here, called from each command's arguments function, so it is defined and validated once.
+Adding a command: write its `<name>_args(p)` and `<name>_run(args)` here (torch and its tool module imported inside
+them), add one `Command(...)` to COMMANDS and its row to the README's command table (tests/test_cli.py fails until the
+row lists exactly the parser's flags); a flag it shares with other commands gets an `add_*` helper.
 
 Nothing here imports torch at module level: `minibt --help` and `--version` stay fast. The list of attention
 backends comes from minibt.attention.backends(), read only when a command's help is shown or --attn is given.
@@ -98,6 +101,9 @@ def add_attn(p):
 def add_dtype(p, default=None, help="weights and activations dtype (default: the checkpoint's)"):
     p.add_argument("--dtype", default=default, choices=list(DTYPES), metavar="DTYPE",
                    help=f"{', '.join(DTYPES)} ({help})")
+
+
+def add_quantize(p):
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="integer weights for the linear layers, made at load (minibt.kernels.quantize)")
 
@@ -145,6 +151,7 @@ def embed_args(p):
     add_model(p)
     add_attn(p)
     add_dtype(p)
+    add_quantize(p)
     p.add_argument("texts", nargs="*", help="texts to compare (or use --file)")
     p.add_argument("--vectors", action="store_true", help="print the vectors instead of similarities")
     p.add_argument("--file", help="embed every line of this file ('-' for stdin) into --out; row i = line i")
@@ -201,6 +208,7 @@ def fill_mask_args(p):
     add_model(p, help="a *ForMaskedLM hub repo id or folder (the bundled default has no masked-LM head)")
     add_attn(p)
     add_dtype(p)
+    add_quantize(p)
     p.add_argument("texts", nargs="+", help="texts with one or more [MASK] (or the model's own mask token)")
     p.add_argument("--top-k", type=positive, default=5, help="predictions per mask (default %(default)s)")
 
@@ -256,6 +264,7 @@ def generate_args(p):
                                      "default is an encoder)")
     add_attn(p)
     add_dtype(p)
+    add_quantize(p)
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=non_negative, default=40, help="default %(default)s")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -297,6 +306,7 @@ def generate_run(args):
 def audit_args(p):
     add_model(p)
     add_dtype(p)
+    add_quantize(p)
     p.add_argument("texts", nargs="+")
     p.add_argument("--backends", type=_BackendList(), metavar="A,B,...",
                    help="comma-separated backends to audit (default: every registered one)")
@@ -332,6 +342,7 @@ def audit_run(args):
 def attend_map_args(p):
     add_model(p)
     add_dtype(p)
+    add_quantize(p)
     p.add_argument("text")
     p.add_argument("--layer", type=non_negative, default=0)
     p.add_argument("--head", type=non_negative, default=0)
@@ -353,6 +364,7 @@ def bench_args(p):
     add_model(p, default="bert-base", help=f"{' | '.join(SHAPES)} (random weights, no download) or a checkpoint "
                                            "(default %(default)s)")
     add_dtype(p, default="fp32", help="default fp32; random weights are cast to it")
+    add_quantize(p)
     p.add_argument("--batch", type=positive, nargs="+", default=[8], help="batch sizes (default 8)")
     p.add_argument("--length", type=positive, nargs="+", default=[128], help="sequence lengths (default 128)")
     p.add_argument("--padding", type=_number(float, 0, 1, high_open=True), nargs="+",
@@ -391,6 +403,7 @@ def serve_args(p):
     add_model(p)
     add_attn(p)
     add_dtype(p)
+    add_quantize(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=positive, default=8080, help="default %(default)s")
     p.add_argument("--max-batch-tokens", type=positive, default=16384,

@@ -1,12 +1,7 @@
 """`minibt embed --file`: a corpus of any size, one text per line, to .npy or .jsonl, in bounded memory, resumable.
 
-Row i of the output is line i of the input, whatever the bytes. The rule, the same for a file and for stdin:
-  * the input is read as bytes and lines end at b"\\n" only; one "\\r" before it (a CRLF file) is dropped, any other
-    "\\r" (or form feed, U+2028, ...) stays inside its line's text;
-  * each line is decoded as UTF-8; invalid bytes become U+FFFD (the count and the first such line are reported);
-    a UTF-8 byte-order mark at the very start is dropped;
-  * an empty line is embedded as the empty text; a last line without "\\n" is a line; over-long lines are
-    truncated to the model's max_seq_length.
+Row i of the output is line i of the input, whatever the bytes, by the line rule of minibt/tools/lines.py (the
+same for a file, for stdin and for `embed --ray`); over-long lines are truncated to the model's max_seq_length.
 
 Lines are read in chunks; each chunk is embedded and appended to the output, then a small progress record next to
 it (out + ".progress", replaced atomically) says how many rows and bytes are safely on disk, with fingerprints of
@@ -30,6 +25,7 @@ import numpy as np
 
 from ..embedding import Recipe, embed
 from ..errors import InputError, MinibtError
+from .lines import Lines, count_lines
 from .progress import Progress
 
 _NPY_HEADER = 128      # bytes reserved for the .npy header, rewritten with the final row count at the end
@@ -54,45 +50,6 @@ def model_fingerprint(model) -> str:
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
-
-
-class Lines:
-    """The input's lines by the module's rule, with the SHA-256 and byte count of everything consumed so far."""
-
-    def __init__(self, stream):
-        self.stream, self.sha, self.bytes, self.line_no = stream, hashlib.sha256(), 0, 0
-        self.invalid, self.first_invalid = 0, None
-
-    def take(self, n: int) -> list[str]:
-        texts = []
-        while len(texts) < n:
-            raw = self.stream.readline()
-            if not raw:
-                break
-            self.sha.update(raw)
-            self.bytes += len(raw)
-            self.line_no += 1
-            line = raw[:-1] if raw.endswith(b"\n") else raw
-            line = line[:-1] if line.endswith(b"\r") else line
-            if self.line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            try:
-                texts.append(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                self.invalid += 1
-                self.first_invalid = self.first_invalid or self.line_no
-                texts.append(line.decode("utf-8", errors="replace"))
-        return texts
-
-
-def count_lines(path: Path) -> int:
-    """Lines by the rule above (b"\\n"-terminated, plus a last unterminated one), read in 1 MiB blocks."""
-    n, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            n += block.count(b"\n")
-            last = block[-1:]
-    return n + (last != b"\n")
 
 
 class Writer:
@@ -154,14 +111,11 @@ class Writer:
 
     def _write(self, data: bytes, hashed=True):
         try:
-            self._raw_write(data)
+            self.file.write(data)
         except OSError as e:
             self._failed(e)
         if hashed:
             self.sha.update(data)
-
-    def _raw_write(self, data: bytes):
-        self.file.write(data)
 
     def _failed(self, e: OSError):
         why = "the disk is full (ENOSPC)" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"

@@ -16,7 +16,8 @@ Ray Data restarts a dead actor and retries its batch (its defaults for actor poo
 max_task_retries=-1; Ray 2.60 deprecates passing them, so an input that kills its process every time is retried
 without end: watch the log for repeated actor deaths). Everything that can be checked cheaply is
 checked on the driver before any actor starts: the model loads, the column exists and holds strings, the files
-exist. Lines follow `embed --file`'s rule: row i is line i whatever the bytes (invalid UTF-8 as U+FFFD, reported).
+exist. Lines follow `embed --file`'s rule, the one in minibt/tools/lines.py: row i is line i whatever the bytes
+(a byte-order mark starting a file dropped, invalid UTF-8 as U+FFFD, reported).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, MinibtError
+from .lines import Lines, split
 from .progress import Progress
 
 try:
@@ -47,18 +49,16 @@ MANIFEST = "_minibt.json"
 
 class Embedder:
     """A `map_batches` callable: the model is loaded once per actor, each batch (a pyarrow Table) comes back with an
-    `embedding` column. `fail_once` is a test hook: a marker file path; the first actor that creates it exits its
-    process in the middle of a batch (after the work, before the answer), as a crash would."""
+    `embedding` column."""
 
-    def __init__(self, model: str, *, attn: str = "auto", dtype=None, column: str = "text", batch_tokens: int = 4096,
-                 fail_once: str | None = None):
+    def __init__(self, model: str, *, attn: str = "auto", dtype=None, column: str = "text", batch_tokens: int = 4096):
         import torch
         import minibt
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))           # the CPUs Ray gave this actor, not the whole node's
         self.model = minibt.from_hub(model, attn=attn, dtype=dtype, head="base")
         self.tok = minibt.load_tokenizer(model)
-        self.column, self.batch_tokens, self.fail_once = column, batch_tokens, fail_once
+        self.column, self.batch_tokens = column, batch_tokens
         self.node = ray.get_runtime_context().get_node_id()
 
     def vectors(self, texts: list[str]) -> pa.FixedSizeListArray:
@@ -66,21 +66,11 @@ class Embedder:
         vecs = embed(self.model, self.tok, texts, batch_tokens=self.batch_tokens).numpy()
         return pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
 
-    def crash_here_once(self) -> None:
-        if self.fail_once:
-            try:
-                os.close(os.open(self.fail_once, os.O_CREAT | os.O_EXCL))   # atomic: one actor, one time
-            except FileExistsError:
-                return
-            os._exit(1)
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(self.column)
         if texts.null_count:                  # embed_dataset counted nulls already; this guards other callers
             raise InputError(f"column {self.column!r}: {texts.null_count} null rows in a batch")
-        out = batch.append_column("embedding", self.vectors(texts.to_pylist()))
-        self.crash_here_once()
-        return out
+        return batch.append_column("embedding", self.vectors(texts.to_pylist()))
 
 
 class ShardWriter(Embedder):
@@ -96,7 +86,7 @@ class ShardWriter(Embedder):
             t0 = time.perf_counter()
             with open(path, "rb") as f:
                 f.seek(int(start))
-                texts = _lines(f.read(int(end) - int(start)))
+                texts = split(f.read(int(end) - int(start)), at_start=int(start) == 0)
             if len(texts) != count:
                 raise InputError(f"{path}: bytes {start}-{end} hold {len(texts)} lines, planned {count}: "
                                  "the file changed while it was embedded")
@@ -108,7 +98,6 @@ class ShardWriter(Embedder):
             tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")   # a retry elsewhere never shares it
             # no dictionary pages: on float vectors they cost 40% more bytes and find nothing to share
             pq.write_table(table.replace_schema_metadata(meta), tmp, use_dictionary=False)
-            self.crash_here_once()                                      # half done: tmp written, not renamed
             os.replace(tmp, final)                                      # atomic: a shard file is always whole
             rows.append({"shard": int(shard), "rows": int(count), "node": self.node,
                          "seconds": time.perf_counter() - t0})
@@ -120,15 +109,6 @@ SHARD_FIELDS = ("shard", "path", "start", "end", "first_id", "rows")
 
 def shard_name(k: int) -> str:
     return f"part-{k:05d}.parquet"
-
-
-def _lines(data: bytes) -> list[str]:
-    """The lines of `data` as `embed --file` reads them: split at b"\\n" only, one "\\r" before it dropped (CRLF),
-    invalid UTF-8 bytes as U+FFFD."""
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()                            # the newline ending the last line does not start another
-    return [line.removesuffix(b"\r").decode("utf-8", errors="replace") for line in lines]
 
 
 # ---------------------------------------------------------------------------------------------- checks on the driver
@@ -175,7 +155,7 @@ def default_actors(num_cpus: float) -> int:
 
 def embed_dataset(ds: ray.data.Dataset, model: str, column: str = "text", *, actors: int | None = None,
                   num_cpus: float = 1, batch_size: int = 512, batch_tokens: int = 4096, attn: str = "auto",
-                  dtype=None, count_nulls: bool = True, fail_once: str | None = None) -> ray.data.Dataset:
+                  dtype=None, count_nulls: bool = True) -> ray.data.Dataset:
     """`ds` with an `embedding` column (fixed-size list of float32, the model's width) from `column`; lazy, like
     every Ray Data transform. `actors`: size of the actor pool (default: the cluster's CPUs but one, each actor
     taking `num_cpus`). `count_nulls=False` skips the up-front read pass that rejects null rows."""
@@ -184,7 +164,7 @@ def embed_dataset(ds: ray.data.Dataset, model: str, column: str = "text", *, act
     check_column(ds, column, count_nulls)
     return ds.map_batches(
         Embedder, fn_constructor_kwargs=dict(model=model, attn=attn, dtype=dtype, column=column,
-                                             batch_tokens=batch_tokens, fail_once=fail_once),
+                                             batch_tokens=batch_tokens),
         batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus,
         compute=ray.data.ActorPoolStrategy(size=actors or default_actors(num_cpus)))
 
@@ -195,21 +175,14 @@ def plan_shards(sources: list[Path], shard_rows: int) -> tuple[list[dict], int, 
     are not valid UTF-8 (embedded with U+FFFD, as `embed --file` does) and names the first."""
     shards, next_id, invalid, first_invalid = [], 0, 0, None
     for path in sources:
-        start = offset = rows = 0
         with open(path, "rb") as f:
-            for n, line in enumerate(f, 1):             # binary lines end at b"\n" only, as _lines splits them
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError:
-                    invalid += 1
-                    first_invalid = first_invalid or f"{path} line {n}"
-                offset, rows = offset + len(line), rows + 1
-                if rows == shard_rows:
-                    shards.append(_shard(len(shards), path, start, offset, next_id, rows))
-                    next_id, start, rows = next_id + rows, offset, 0
-        if rows:
-            shards.append(_shard(len(shards), path, start, offset, next_id, rows))
-            next_id += rows
+            lines, start = Lines(f), 0                  # the reader of `embed --file`: the same lines, counted alike
+            while rows := len(lines.take(shard_rows)):
+                shards.append(_shard(len(shards), path, start, lines.bytes, next_id, rows))
+                start, next_id = lines.bytes, next_id + rows
+        if lines.invalid:
+            invalid += lines.invalid
+            first_invalid = first_invalid or f"{path} line {lines.first_invalid}"
     return shards, invalid, first_invalid
 
 
@@ -246,7 +219,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
 def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, address: str | None = None,
                  actors: int | None = None, num_cpus: float = 1, shard_rows: int = 4096, keep_text: bool = False,
                  resume: bool = False, attn: str = "auto", dtype=None, batch_tokens: int = 4096,
-                 progress: bool = True, fail_once: str | None = None) -> dict:
+                 progress: bool = True) -> dict:
     """Embed every line of `sources` (in order; ids count lines from 0 across them) into Parquet shards in `out`
     (`id`, `text` with keep_text, `embedding`). resume=True skips the shards already written completely.
     `actors`: default every CPU of the cluster (each taking `num_cpus`): shards are read inside the actors, so no
@@ -277,8 +250,7 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
         size = min(actors or max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus)), len(todo))
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             ShardWriter, fn_constructor_kwargs=dict(model=model, out=str(out.resolve()), keep_text=keep_text,
-                                                    attn=attn, dtype=dtype, batch_tokens=batch_tokens,
-                                                    fail_once=fail_once),
+                                                    attn=attn, dtype=dtype, batch_tokens=batch_tokens),
             batch_size=1, batch_format="numpy", num_cpus=num_cpus,
             # one shard in flight per actor: a shard is seconds of work, so queueing a second one behind it only
             # lets one actor hoard the tail while another idles

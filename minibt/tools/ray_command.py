@@ -16,7 +16,8 @@ def add_arguments(parser) -> None:
                         help="embed --file/--dir on a Ray cluster into --out folder/ as Parquet shards "
                              "(no ADDRESS: start a local Ray)")
     parser.add_argument("--dir", help="with --ray: every *.txt file under this folder, one text per line")
-    parser.add_argument("--actors", type=positive, default=None, help="with --ray: actors (default: one per CPU)")
+    parser.add_argument("--actors", type=positive, default=None,
+                        help="with --ray: actors (default: the cluster's CPUs / --cpus-per-actor)")
     parser.add_argument("--cpus-per-actor", type=_number(float, 0, low_open=True), default=1,
                         help="with --ray: CPUs (torch threads) per actor (default %(default)s)")
     parser.add_argument("--shard-rows", type=positive, default=4096,

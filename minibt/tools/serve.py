@@ -1,7 +1,7 @@
 """`minibt serve`: one HTTP endpoint that TEI, OpenAI and Infinity embedding/rerank clients can talk to unchanged.
 
 One worker thread owns the model. Requests are validated and tokenised on arrival (in the event loop), queued, and
-the worker packs everything that is queued when it looks into token-budget batches (`minibt.embed.token_batches`),
+the worker packs everything that is queued when it looks into token-budget batches (`minibt.embedding.token_batches`),
 so concurrent small requests share one forward on the padding-free path (attn="auto" picks varlen for ragged
 batches). Every request gets exactly its own rows back, in its order, as soon as its last row is done. An input
 longer than the budget runs in a batch of its own. Starlette + uvicorn (the `serve` extra) are imported only here,

@@ -1,5 +1,5 @@
-"""`minibt.ray`: embed a Ray Dataset or a corpus on a Ray cluster (extra `minibt[ray]`). See minibt/tools/ray.py;
-`import minibt` never imports this module or ray."""
+"""`minibt.ray_data`: embed a Ray Dataset or a corpus on a Ray cluster (extra `minibt[ray]`). Named apart from the
+`ray` package it wraps; the code lives in minibt/tools/ray.py. `import minibt` never imports this module or ray."""
 from .tools import ray as _impl
 
 if _impl.ray is None:
