@@ -561,3 +561,73 @@ def test_vectors_render_as_float32_with_or_without_orjson(monkeypatch):
         assert got["n"] == 3 and [d["index"] for d in got["data"]] == [0, 1, 2]
         assert torch.equal(torch.tensor([d["embedding"] for d in got["data"]], dtype=torch.float32), vecs)
     assert len(fast) < 0.75 * len(slow)                    # shortest float32 decimals, not float64 ones
+
+
+# ------------------------------------------------------------------------------- the command line and the app's setup
+
+def test_missing_config_json_is_one_clear_cli_error(tmp_path, capsys):
+    """A folder without config.json ends `minibt serve` (and `python -m minibt.tools.serve`) with one line and
+    exit code 2, like every other command-line error: no traceback."""
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    r = subprocess.run([sys.executable, "-m", "minibt", "serve", "--model", str(tmp_path)], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.strip() == f"minibt: error: {tmp_path}: no config.json"
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--model", str(tmp_path)])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == f"minibt: error: {tmp_path}: no config.json"
+
+
+def test_classifier_width_is_the_models_num_labels(tiny, tmp_path):
+    """A config.json with num_labels and no id2label: the model has 3 outputs, and so has what serve answers
+    (its width once came from id2label alone: 2, and the worker died writing 3 scores into 2 places)."""
+    folder, ref, hf_tok = cross_encoder_folder(tiny, tmp_path, 3)
+    config = json.loads((folder / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("id2label", "label2id")} | {"num_labels": 3}
+    (folder / "config.json").write_text(json.dumps(config))
+    model, tok = minibt.from_hub(folder), minibt.load_tokenizer(folder)
+    svc = serve.Service(model, tok, max_batch_tokens=64, max_client_batch_size=4, max_concurrent_requests=8,
+                        api_key=None, auto_truncate=False, model_id=None, payload_limit=serve.PAYLOAD_LIMIT)
+    texts = ["the fox runs", "paris is a city", "what is money"]          # (two strings would be one pair)
+    with torch.inference_mode():
+        want = ref(**hf_tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+
+    async def go():
+        svc.worker.start()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.asgi()), base_url="http://t") as c:
+            out = await asyncio.wait_for(c.post("/predict", json={"inputs": texts}), 60), await c.get("/info")
+        svc.worker.stop()
+        return out
+    predict, info = asyncio.run(go())
+    assert predict.status_code == 200, predict.text
+    for row, w in zip(predict.json(), want):
+        torch.testing.assert_close(torch.tensor([p["score"] for p in sorted(row, key=lambda p: p["label"])]), w,
+                                   atol=1e-5, rtol=0)
+    assert info.json()["model_type"]["classifier"]["id2label"] == {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}
+
+
+def test_keep_memory_only_when_asked_and_request_seconds_counted(mini, monkeypatch):
+    """The glibc setting is process-wide (kernels/malloc.py): `app()` leaves it alone unless keep_memory=True (the
+    `minibt serve` command asks). /metrics adds up each request's time from arrival to answer."""
+    from minibt.tools import serve_engine
+    model, tok = mini
+    asked = []
+    monkeypatch.setattr(serve_engine, "keep_freed_memory", lambda: asked.append(True))
+
+    async def go(keep_memory):
+        svc = serve.Service(model, tok, max_batch_tokens=16384, max_client_batch_size=32, max_concurrent_requests=8,
+                            api_key=None, auto_truncate=False, model_id=None, payload_limit=serve.PAYLOAD_LIMIT,
+                            keep_memory=keep_memory)
+        svc.worker.start()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.asgi()), base_url="http://t") as c:
+            await c.post("/embed", json={"inputs": "a"})
+            await c.get("/health")
+            metrics = (await c.get("/metrics")).text
+        svc.worker.stop()
+        return metrics
+    metrics = asyncio.run(go(False))
+    assert asked == []
+    seconds = float(next(x for x in metrics.splitlines() if x.startswith("minibt_request_seconds_total ")).split()[1])
+    assert seconds > 0
+    asyncio.run(go(True))
+    assert asked == [True]
