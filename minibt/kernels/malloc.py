@@ -9,8 +9,9 @@ noise, the GEMMs dominate there). Placement still varies, so a repeated run some
 again (2 of 6 processes embedding 600 texts), against 24k-1.1M per run without the settings.
 
 The setting is process-wide and raises resident memory to the peak of what the process has used, which it keeps.
-Only a caller that asks applies it: `minibt.embed(..., keep_memory=True)` (default False) and the `minibt embed`
-command. Other C libraries: nothing is done.
+Only a caller that asks applies it: `minibt.embed(..., keep_memory=True)` and `minibt.serve.app(...,
+keep_memory=True)` (both default False), and the `minibt embed` and `minibt serve` commands, whose processes are
+theirs. Other C libraries: nothing is done.
 """
 from __future__ import annotations
 
