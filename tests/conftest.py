@@ -9,6 +9,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never download
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+
+@pytest.fixture(autouse=True)
+def eager_flex(monkeypatch):
+    """flex runs eager in tests (its documented switch, minibt.attention.flex_attention.COMPILED): compiling every
+    generated shape would take minutes. tests/test_variants.py checks the compiled kernel on its own."""
+    import minibt.attention.flex_attention as flex_attention
+    monkeypatch.setattr(flex_attention, "COMPILED", False)
+
 ENCODERS = {
     "bert": ("BertConfig", {"BertModel": "base", "BertForMaskedLM": "masked-lm",
                             "BertForSequenceClassification": "sequence-classification"}),

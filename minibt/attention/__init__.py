@@ -14,7 +14,7 @@ This package is also how a model's forward sees its batch (batch.py: the checked
 real tokens, the attention call of every layer) and where decoders keep keys and values (cache.py).
 
 The registry holds three kinds of entry, and `backends()` lists them all (what `set_attention` accepts):
-    attention functions  naive, sdpa, flash, varlen, tiled, and user backends (`register`)
+    attention functions  naive, sdpa, flash, varlen, tiled, flex, and user backends (`register`)
     the route `auto`     picks one of the functions per call (attention/auto.py)
     model-level `fused`  a transform that swaps an encoder's layer stack for torch's fused op; minibt/kernels
                          registers it (`register_transform`), since kernels sit above attention
@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from ..errors import BackendError
-from .mask import AttnMask
+from .mask import CAPABILITIES, VARIANTS, AttnMask, RelativeBias
 
 
 @dataclass(frozen=True)
@@ -37,29 +37,37 @@ class Backend:
     fn: Callable | None                 # attend(q, k, v, *, mask, scale); None for the auto route
     packed: bool = False                # wants the padding removed at the model's entry (kernels/padding.py)
     probs: bool = False                 # fn(..., return_probs=True) -> (out, probs)
-    route: Callable | None = None       # auto: (attention_mask, output_attentions) -> name of the backend to run
+    route: Callable | None = None       # auto: (attention_mask, output_attentions, variants) -> the backend's name
     transform: object | None = None     # model-level: an object with apply(model) / remove(model), run by `use`
+    variants: frozenset = frozenset()   # attention variants it computes exactly (mask.VARIANTS); others refused
 
     def __deepcopy__(self, memo):
         return self                     # a registry entry: copies of a model share it
 
 
 _REGISTRY: dict[str, Backend] = {}
-BUILTIN = ("naive", "sdpa", "flash", "varlen", "tiled", "fused", "auto")       # "fused": kernels/fused_encoder.py
+BUILTIN = ("naive", "sdpa", "flash", "varlen", "tiled", "flex", "fused", "auto")   # "fused": kernels/fused_encoder.py
 
 
-def register(name: str, fn: Callable, *, packed: bool = False, probs: bool = False, check: bool = True) -> None:
+def register(name: str, fn: Callable, *, packed: bool = False, probs: bool = False, check: bool = True,
+             variants=()) -> None:
     """Add a user backend `fn(q, k, v, *, mask, scale)`. At its first call its output is checked against the
     spec: q's shape and dtype, and the numbers of `naive` on the same inputs (this catches a transposed layout of
-    the same size); check=False skips the numbers for a deliberately approximate backend. The built-in names
-    cannot be replaced: `naive` is the spec every backend is tested against."""
+    the same size); check=False skips the numbers for a deliberately approximate backend. variants: the attention
+    variants it computes (names in minibt.attention.CAPABILITIES: window, alibi, relative, softcap, sinks, and vdim
+    for values of another head dim); a model layer that needs another one is refused with a BackendError naming it. The built-in names cannot be
+    replaced: `naive` is the spec every backend is tested against."""
     if not isinstance(name, str) or not name:
         raise BackendError(f"a backend name must be a non-empty string, got {name!r}")
     if name in BUILTIN:
         raise BackendError(f"{name!r} is a built-in backend and cannot be replaced; register yours under another name")
     if not callable(fn):
         raise BackendError(f"register({name!r}, fn): fn must be callable, got {type(fn).__name__}")
-    _REGISTRY[name] = Backend(name, _checked(name, fn, check), packed, probs)
+    unknown = set(variants) - set(CAPABILITIES)
+    if unknown:
+        raise BackendError(f"register({name!r}): unknown variants {sorted(unknown)}; minibt has "
+                           f"{', '.join(CAPABILITIES)}")
+    _REGISTRY[name] = Backend(name, _checked(name, fn, check), packed, probs, variants=frozenset(variants))
 
 
 def _checked(name: str, fn: Callable, numbers: bool) -> Callable:
@@ -70,10 +78,11 @@ def _checked(name: str, fn: Callable, numbers: bool) -> Callable:
         out = fn(q, k, v, mask=mask, scale=scale, **kwargs)
         if not state["checked"]:
             got = out[0] if kwargs.get("return_probs") and isinstance(out, tuple) else out
-            if not hasattr(got, "shape") or tuple(got.shape) != tuple(q.shape) or got.dtype != q.dtype:
+            want_shape = (*q.shape[:3], v.shape[3])
+            if not hasattr(got, "shape") or tuple(got.shape) != want_shape or got.dtype != q.dtype:
                 shape = tuple(got.shape) if hasattr(got, "shape") else type(got).__name__
                 raise BackendError(f"attention backend {name!r} returned {shape} {getattr(got, 'dtype', '')}; "
-                                   f"it must return q's shape (B, Hq, Sq, D) = {tuple(q.shape)} and dtype {q.dtype}")
+                                   f"it must return (B, Hq, Sq, Dv) = {want_shape} and q's dtype {q.dtype}")
             if numbers:
                 from .testing import TOLERANCE
                 with torch.no_grad():
@@ -114,9 +123,18 @@ def get(name: str) -> Backend:
     return _REGISTRY[name]
 
 
-def for_call(backend: Backend, attention_mask, output_attentions: bool) -> Backend:
-    """The backend that runs this call: the fixed one, or the route's pick for this input."""
-    return get(backend.route(attention_mask, output_attentions)) if backend.route is not None else backend
+def for_call(backend: Backend, attention_mask, output_attentions: bool, variants=frozenset()) -> Backend:
+    """The backend that runs this call: the fixed one, or the route's pick for this input and these variants.
+    A fixed backend that cannot compute one of the variants is refused by name (never another backend instead)."""
+    if backend.route is not None:
+        return get(backend.route(attention_mask, output_attentions, frozenset(variants)))
+    missing = set(variants) - backend.variants
+    if missing:
+        able = [n for n, b in _REGISTRY.items() if b.fn is not None and set(variants) <= b.variants]
+        raise BackendError(f"attention backend {backend.name!r} cannot compute {', '.join(sorted(missing))} (this "
+                           f"model's attention needs {', '.join(sorted(variants))}); backends that can: "
+                           f"{', '.join(sorted(able)) or 'none'}, or 'auto'")
+    return backend
 
 
 def use(model, name: str) -> Backend:
@@ -135,20 +153,23 @@ from .auto import auto  # noqa: E402
 from .batch import INT_DTYPES, Batch, Packing, check_ids, check_mask, check_positions  # noqa: E402
 from .cache import KVCache  # noqa: E402
 from .flash import flash  # noqa: E402
+from .flex_attention import flex  # noqa: E402
 from .naive import naive  # noqa: E402
 from .sdpa import sdpa  # noqa: E402
 from .tiled import tiled  # noqa: E402
 from .varlen import varlen  # noqa: E402
 
+_ALL, _BIASES = frozenset(CAPABILITIES), frozenset({"window", "alibi", "relative", "vdim"})
 _REGISTRY.update({
-    "naive": Backend("naive", naive, probs=True),
-    "sdpa": Backend("sdpa", sdpa),
-    "flash": Backend("flash", flash),
-    "varlen": Backend("varlen", varlen, packed=True),
-    "tiled": Backend("tiled", tiled),
+    "naive": Backend("naive", naive, probs=True, variants=_ALL),
+    "sdpa": Backend("sdpa", sdpa, variants=_BIASES),                # windows and biases through its mask
+    "flash": Backend("flash", flash, variants=frozenset({"window"})),   # a boolean mask, where the kernel takes one
+    "varlen": Backend("varlen", varlen, packed=True, variants=_BIASES),
+    "tiled": Backend("tiled", tiled, variants=_ALL),
+    "flex": Backend("flex", flex, variants=_ALL),
     "auto": Backend("auto", None, route=auto),
 })
 
-__all__ = ["AttnMask", "Backend", "Batch", "KVCache", "Packing", "backends", "functions", "get", "register",
+__all__ = ["AttnMask", "RelativeBias", "VARIANTS", "CAPABILITIES", "Backend", "Batch", "KVCache", "Packing", "backends", "functions", "get", "register",
            "register_transform", "for_call", "use", "INT_DTYPES", "check_ids", "check_mask", "check_positions",
-           "naive", "sdpa", "flash", "varlen", "tiled", "auto"]
+           "naive", "sdpa", "flash", "varlen", "tiled", "flex", "auto"]

@@ -100,20 +100,24 @@ class Batch:
     backend: the model's registry entry; `auto` is routed here, once, for this input.
     causal / cache: decoders; the new tokens sit after the cache's `length` positions (the query offset).
     probs: the attention call also returns each layer's probabilities (output_attentions=True).
+    variants: the attention variants the model's layers use (so `auto` picks a layout that suits them all).
     rope: (cos, sin) of the batch's positions, in its layout, for rotary families; their forward sets it.
     """
 
     rope: tuple | None = None
 
-    def __init__(self, attention_mask, shape, backend, *, causal: bool = False, cache=None, probs: bool = False):
+    def __init__(self, attention_mask, shape, backend, *, causal: bool = False, cache=None, probs: bool = False,
+                 variants=frozenset()):
         from . import for_call                        # the registry, which imports this module
-        self.backend = for_call(backend, attention_mask, probs)
+        self._for_call, self._entry, self._mask_long = for_call, backend, attention_mask
+        self.backend = for_call(backend, attention_mask, probs, variants)
         self.probs = probs
         if probs and not self.backend.probs:
             raise BackendError(f"backend {self.backend.name!r} cannot return attention probabilities; "
                                "use model.set_attention('naive') (or 'auto') for output_attentions=True")
         self.cache = cache
         self.past = cache.length if cache is not None else 0          # where this call's tokens start in the cache
+        self.keys = self.past + shape[1]                               # keys a layer with a full cache attends over
         real = attention_mask.bool()
         self.real = None if bool(real.all()) else real                 # None: no row has padding
         # Only a prefill is packed; a decode step reads the padded KV cache (one query per row).
@@ -123,6 +127,8 @@ class Batch:
         else:
             self.packing = None
             self.mask = AttnMask(self.real, causal=causal, q_offset=self.past)
+        self._backends = {frozenset(variants): self.backend}          # per set of variants a layer asks for
+        self._last_keys = {}                                           # masks over a rolling cache's last keys
 
     def pack(self, t):
         """(B, S, ...) -> (1, T, ...) for packed backends; unchanged otherwise."""
@@ -137,8 +143,21 @@ class Batch:
         real = self.real[:, -t.shape[1]:]                # decode steps: the mask also covers cached tokens
         return t.masked_fill(~real.view(*real.shape, *[1] * (t.dim() - 2)), 0)
 
-    def attend(self, q, k, v, *, scale: float):
-        """q (B, Hq, Sq, D), k, v (B, Hkv, Skv, D) -> (out (B, Hq, Sq, D), probs (B, Hq, Sq, Skv) or None)."""
+    def attend(self, q, k, v, *, scale: float, window=None, alibi=None, relative=None, softcap=None, sinks=None):
+        """q (B, Hq, Sq, D), k, v (B, Hkv, Skv, D) -> (out (B, Hq, Sq, Dv), probs (B, Hq, Sq, Skv) or None).
+        The variants are the layer's (attention/mask.py defines each); a backend that cannot compute one is
+        refused by name, and `auto` picks one that can."""
+        mask = self.mask
+        if not self.packing and k.shape[2] != self.keys:          # a rolling cache returned only its last keys
+            if k.shape[2] not in self._last_keys:
+                self._last_keys[k.shape[2]] = mask.last_keys(k.shape[2], q.shape[2])
+            mask = self._last_keys[k.shape[2]]
+        if window is not None or alibi is not None or relative is not None or softcap is not None or sinks is not None:
+            mask = mask.with_variants(window=window, alibi=alibi, relative=relative, softcap=softcap, sinks=sinks)
+        needs = frozenset(mask.variants() | ({"vdim"} if v.shape[3] != q.shape[3] else set()))
+        if needs not in self._backends:
+            self._backends[needs] = self._for_call(self._entry, self._mask_long, self.probs, needs)
+        fn = self._backends[needs].fn
         if self.probs:
-            return self.backend.fn(q, k, v, mask=self.mask, scale=scale, return_probs=True)
-        return self.backend.fn(q, k, v, mask=self.mask, scale=scale), None
+            return fn(q, k, v, mask=mask, scale=scale, return_probs=True)
+        return fn(q, k, v, mask=mask, scale=scale), None

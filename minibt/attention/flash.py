@@ -1,4 +1,5 @@
-"""SDPA restricted to the flash kernel: if the kernel cannot take the input, say so; never another kernel."""
+"""SDPA restricted to the flash kernel: if the kernel cannot take the input, say so; never another kernel.
+A window goes in as a boolean mask (where the kernel takes a mask: on CPU it does, on CUDA it does not)."""
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -16,7 +17,8 @@ def flash(q, k, v, *, mask: AttnMask, scale: float):
     except RuntimeError as e:
         raise BackendError(
             f"the flash kernel cannot take q {tuple(q.shape)} {q.dtype} on {q.device} with this mask "
-            f"(padding={mask.key_padding is not None}, causal={mask.causal}): {str(e).splitlines()[0]}. "
+            f"(padding={mask.key_padding is not None}, causal={mask.causal}, window={mask.window}): "
+            f"{str(e).splitlines()[0]}. "
             "Use attn='varlen' (removes padding) or attn='sdpa'.") from None
     empty = mask.empty_rows(sq, skv)
     return out if empty is None else out.masked_fill(empty, 0.0)

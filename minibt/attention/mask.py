@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 VARIANTS = ("window", "alibi", "relative", "softcap", "sinks")
+CAPABILITIES = VARIANTS + ("vdim",)      # and values whose head dim differs from the queries' (MLA)
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,6 +9,12 @@ not, a decode step (queries offset inside the keys), the scale, and the layout: 
 cu_seqlens; always for `packed` backends). Every mask state the models build is generated: no padding at all
 (key_padding None, so `mask.allowed()` is None when not causal, or for one decode query after every key), plain
 causal without padding, causal with a decode offset, padded, and packed. A backend that raises is a failure too.
+
+With `variants` (the names a backend declares, e.g. attention.get("flex").variants), each case also draws any
+combination of them, so the ones real models put together are all generated: a causal window (Mistral) or a
+bidirectional one (ModernBERT), ALiBi slopes (BLOOM), a relative-bucket table (MPNet), a softcap with a window
+(Gemma 2), sinks with a window (gpt-oss), values of another head dim (MLA), on top of padding, packing, GQA and
+decode steps.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import torch
 
 from ..errors import BackendError
 from .batch import Packing
-from .mask import AttnMask
+from .mask import AttnMask, RelativeBias
 from .naive import naive
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -45,7 +51,12 @@ class Report:
         return "\n".join(lines)
 
 
-def _case(draw):
+def relative_bucket(distance):
+    """A T5-style bucket function for the kit's relative-position tables: signed distances clamped to [-8, 8]."""
+    return distance.clamp(-8, 8) + 8
+
+
+def _case(draw, variants=()):
     from hypothesis import strategies as st
     hkv = draw(st.integers(1, 3))
     group = draw(st.sampled_from([1, 2, 4]))
@@ -64,17 +75,37 @@ def _case(draw):
         lengths[0] = 1
     # a packed batch (B = 1, S = T, cu_seqlens) is what the models give every backend under varlen's prefill
     layout = "packed" if not decode and draw(st.booleans()) else "padded"
-    return dict(b=b, hq=hkv * group, hkv=hkv, sq=sq, skv=skv, d=draw(st.sampled_from([8, 16, 32])),
+    chosen = draw(st.sets(st.sampled_from(sorted(variants)))) if variants else set()
+    d = draw(st.sampled_from([8, 16, 32]))
+    width = draw(st.integers(1, 12))
+    return dict(b=b, hq=hkv * group, hkv=hkv, sq=sq, skv=skv, d=d, dv=d + 8 if "vdim" in chosen else d,
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), causal=causal,
                 left=pattern == "left" or (decode and pattern != "none"), lengths=lengths, layout=layout,
-                scale=draw(st.sampled_from([None, 0.1, 1.0])), seed=draw(st.integers(0, 2**16)))
+                scale=draw(st.sampled_from([None, 0.1, 1.0])), seed=draw(st.integers(0, 2**16)),
+                window=((width - 1, 0) if causal else (width, draw(st.sampled_from([width, 0, None]))))
+                if "window" in chosen else None,
+                softcap=draw(st.sampled_from([2.0, 5.0, 30.0])) if "softcap" in chosen else None,
+                **{name: name in chosen for name in ("alibi", "relative", "sinks")})
 
 
-def model_mask(c: dict) -> AttnMask:
+def _variants(c: dict, g: torch.Generator) -> dict:
+    """The case's variants as AttnMask data: slopes, a bucket table and sinks drawn from its seed."""
+    out = dict(window=c["window"], softcap=c["softcap"])
+    if c["alibi"]:
+        out["alibi"] = torch.rand(c["hq"], generator=g)
+    if c["relative"]:
+        out["relative"] = RelativeBias(torch.randn(17, c["hq"], generator=g), relative_bucket)
+    if c["sinks"]:
+        out["sinks"] = torch.randn(c["hq"], generator=g) * 2
+    return out
+
+
+def model_mask(c: dict, variants: dict | None = None) -> AttnMask:
     """The AttnMask a model builds for this case: key_padding None when no row has padding (then allowed() is
-    None unless causal), q_offset for a decode step."""
+    None unless causal), q_offset for a decode step, and the layer's variants."""
     keys = _keys(c)
-    return AttnMask(None if bool(keys.all()) else keys, causal=c["causal"], q_offset=c["skv"] - c["sq"])
+    mask = AttnMask(None if bool(keys.all()) else keys, causal=c["causal"], q_offset=c["skv"] - c["sq"])
+    return mask.with_variants(**variants) if variants else mask
 
 
 def _keys(c: dict) -> torch.Tensor:
@@ -89,25 +120,28 @@ def _run(fn, packed: bool, c: dict):
     g = torch.Generator().manual_seed(c["seed"])
     q = torch.randn(c["b"], c["hq"], c["sq"], c["d"], generator=g).to(c["dtype"])
     k = torch.randn(c["b"], c["hkv"], c["skv"], c["d"], generator=g).to(c["dtype"])
-    v = torch.randn(c["b"], c["hkv"], c["skv"], c["d"], generator=g).to(c["dtype"])
+    v = torch.randn(c["b"], c["hkv"], c["skv"], c["dv"], generator=g).to(c["dtype"])
+    variants = _variants(c, g)
     keys = _keys(c)
     scale = c["scale"] if c["scale"] is not None else c["d"] ** -0.5
     offset = c["skv"] - c["sq"]
-    want = naive(q, k, v, mask=model_mask(c), scale=scale)
+    want = naive(q, k, v, mask=model_mask(c, variants), scale=scale)
     rows = keys[:, offset:]                                               # queries that are real tokens
     if offset == 0 and (packed or c["layout"] == "packed"):               # packed backends always take this layout
         pack = Packing(keys)
         pq, pk, pv = (pack.pack(t.transpose(1, 2)).transpose(1, 2) for t in (q, k, v))
-        got = fn(pq, pk, pv, mask=AttnMask(causal=c["causal"], cu_seqlens=pack.cu_seqlens), scale=scale)
-        got = pack.unpack(got.transpose(1, 2)).transpose(1, 2)
+        mask = AttnMask(causal=c["causal"], cu_seqlens=pack.cu_seqlens).with_variants(**variants)
+        got = pack.unpack(fn(pq, pk, pv, mask=mask, scale=scale).transpose(1, 2)).transpose(1, 2)
     else:
-        got = fn(q, k, v, mask=model_mask(c), scale=scale)
+        got = fn(q, k, v, mask=model_mask(c, variants), scale=scale)
     return got, want, rows
 
 
-def check_backend(fn, *, name: str | None = None, packed: bool = False, max_examples: int = 150) -> Report:
+def check_backend(fn, *, name: str | None = None, packed: bool = False, max_examples: int = 150,
+                  variants=()) -> Report:
     """Compare `fn(q, k, v, *, mask, scale)` to naive on generated cases; returns the Report or raises
-    BackendMismatch. Only real query rows are compared; a row with no key must be exactly zero."""
+    BackendMismatch. Only real query rows are compared; a row with no key must be exactly zero. variants: the
+    attention variants to generate as well (those the backend declares; see the module docstring)."""
     try:
         from hypothesis import HealthCheck, given, settings
         from hypothesis import strategies as st
@@ -117,7 +151,7 @@ def check_backend(fn, *, name: str | None = None, packed: bool = False, max_exam
 
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(st.composite(_case)())
+    @given(st.composite(_case)(tuple(variants)))
     def one(c):
         shown = {k: (str(v).removeprefix("torch.") if k == "dtype" else v) for k, v in c.items()}
         report.cases += 1
