@@ -48,6 +48,17 @@ DECODERS = {
     "llama-dynamic-rope": ("LlamaForCausalLM", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                                     num_attention_heads=4, vocab_size=99, max_position_embeddings=32,
                                                     rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    # Llama's relatives: windows shorter than the prompts (9 tokens) and than what generation adds
+    "mistral-window": ("MistralForCausalLM", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=99,
+                                                  max_position_embeddings=64, sliding_window=4)),
+    "qwen2-window-layers": ("Qwen2ForCausalLM", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=99,
+                                                     max_position_embeddings=64, use_sliding_window=True,
+                                                     sliding_window=3, max_window_layers=1)),
+    "qwen3": ("Qwen3ForCausalLM", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=16, vocab_size=99, max_position_embeddings=64,
+                                       tie_word_embeddings=True)),
 }
 
 
@@ -61,7 +72,7 @@ def tiny_decoder(tmp_path_factory):
         if name not in cache:
             arch, kw = DECODERS[name]
             torch.manual_seed(100 + len(cache))
-            cfg_cls = transformers.OPTConfig if arch.startswith("OPT") else transformers.LlamaConfig
+            cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
             ref = getattr(transformers, arch)(cfg_cls(**kw)).eval()
             folder = tmp_path_factory.mktemp(name)
             ref.save_pretrained(folder, safe_serialization=True)

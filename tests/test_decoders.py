@@ -11,7 +11,7 @@ from minibt.errors import BackendError, ConfigError, InputError
 from conftest import DECODERS, left_padded
 
 NAMES = list(DECODERS)
-BACKENDS = ["naive", "sdpa", "flash", "varlen", "auto"]
+BACKENDS = ["naive", "sdpa", "flash", "varlen", "tiled", "auto"]
 
 
 def hf_positions(mask):
@@ -38,7 +38,21 @@ def test_logits_parity_left_padded(tiny_decoder, name, attn):
     assert out.logits[~real].abs().max() == 0 and out.last_hidden_state[~real].abs().max() == 0
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "varlen", "naive"])
+@pytest.mark.parametrize("name", NAMES)
+def test_flex_logits_parity_left_padded(tiny_decoder, name):
+    """flex on CPU is inference only (torch has no backward for it there): the same check under no_grad."""
+    folder, ref = tiny_decoder(name)
+    model = minibt.from_hub(folder, attn="flex")
+    ids, mask = left_padded(99, pad_id(ref))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        want = ref(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], want[real], atol=1e-4, rtol=0)
+    assert out.logits[~real].abs().max() == 0
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "varlen", "naive", "tiled", "flex"])
 @pytest.mark.parametrize("name", NAMES)
 def test_greedy_generation_equals_transformers(tiny_decoder, name, attn):
     folder, ref = tiny_decoder(name)
@@ -62,7 +76,8 @@ def test_rows_stop_at_eos_like_transformers(tiny_decoder):
     assert row[2] == eos and all(t == 0 for t in row[3:])
 
 
-@pytest.mark.parametrize("name", ["opt-post-ln-projected", "llama3-mqa-tied-bias-headdim"])
+@pytest.mark.parametrize("name", ["opt-post-ln-projected", "llama3-mqa-tied-bias-headdim", "mistral-window",
+                                  "qwen2-window-layers"])
 def test_kv_cache_logits_equal_full_recomputation(tiny_decoder, name):
     from minibt.attention import KVCache
     folder, _ = tiny_decoder(name)
@@ -205,3 +220,20 @@ def test_a_full_kv_cache_is_a_typed_error_on_every_backend(tiny_decoder, attn):
     with pytest.raises(InputError, match=r"KV cache holds 9 positions; this step needs 10"):
         model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache)
     assert cache.length == ids.shape[1]
+
+
+def test_windowed_layers_keep_a_rolling_cache_of_their_window(tiny_decoder):
+    """Qwen2 here: layer 0 full, layers 1-2 a window of 3 keys. Those keep 3 slots whatever the length, and the
+    logits of steps far past the window equal a full recomputation (transformers' forward on the whole sequence)."""
+    from minibt.attention import KVCache
+    folder, ref = tiny_decoder("qwen2-window-layers")
+    model = minibt.from_hub(folder)
+    ids, mask = left_padded(99, 0)
+    cache = KVCache.for_model(model, 3, 40)
+    assert [k.shape[2] for k in cache.k] == [40, 3, 3]
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=20)
+    full_mask = torch.cat([mask, torch.ones(3, 20, dtype=torch.long)], 1)
+    with torch.no_grad():
+        want = ref(input_ids=out[:, :-1], attention_mask=full_mask[:, :-1],
+                   position_ids=hf_positions(full_mask[:, :-1])).logits[:, -1].argmax(-1)
+    assert torch.equal(out[:, -1], want)

@@ -14,7 +14,7 @@ Compiled or eager. `COMPILED = True` (the default) runs `torch.compile`d flex, w
 each new shape compiles for seconds, so shapes are padded up to a multiple of 128 queries and keys (padded keys
 masked, padded queries dropped) to keep the number of compiled shapes small; when dynamo's recompile limit is
 reached minibt raises a BackendError rather than let dynamo fall back to eager without saying so. On CPU the compiled
-kernel is inference only (no autograd, torch 2.13). `minibt.attention.flex_attention.COMPILED = False` runs flex
+and eager kernels are inference only (no autograd there, torch 2.13). `minibt.attention.flex_attention.COMPILED = False` runs flex
 eager: the same maths, readable and slow, with O(S^2) memory, for reading and for tests.
 """
 from __future__ import annotations
@@ -36,7 +36,10 @@ def flex(q, k, v, *, mask: AttnMask, scale: float):
     b, hq, sq, d = q.shape
     skv = k.shape[2]
     sink = mask.sinks is not None
-    compiled = COMPILED and _compile_ready(q)
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        raise BackendError("flex on CPU is inference only (torch 2.13 has no backward for it there): run the model "
+                           "under torch.no_grad() / torch.inference_mode(), or use another backend to train")
+    compiled = COMPILED
     pq, pk = (-(-sq // BLOCK) * BLOCK, -(-(skv + sink) // BLOCK) * BLOCK) if compiled else (sq, skv + sink)
     # keys: the real ones, one sink key (score sink[h], value 0) when there are sinks, padding up to pk
     allowed = _allowed(mask, b, sq, skv, pq, pk)                               # (B, 1, pq, pk) bool
@@ -96,14 +99,6 @@ def _compiled_call():
         torch._dynamo.config.fail_on_recompile_limit_hit = True     # never a silent fall back to eager
         _compiled = torch.compile(_call, dynamic=False)
     return _compiled
-
-
-def _compile_ready(q) -> bool:
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
-        raise BackendError("flex compiled on CPU is inference only (torch 2.13 has no backward for it): run under "
-                           "torch.no_grad() / torch.inference_mode(), or set "
-                           "minibt.attention.flex_attention.COMPILED = False")
-    return True
 
 
 def _limit() -> int:

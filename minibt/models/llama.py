@@ -32,12 +32,18 @@ class LlamaConfig:
     max_positions: int = 2048
     rms_norm_eps: float = 1e-6
     hidden_act: str = "silu"
-    attention_bias: bool = False
+    qkv_bias: bool = False                  # attention_bias: q, k, v and out; Qwen2: q, k, v only
+    out_bias: bool = False
     mlp_bias: bool = False
     rope_theta: float = 10000.0
     rope: dict = field(default_factory=lambda: {"rope_type": "default"})   # rope_type and its parameters
     pad_token_id: int | None = None
     tie_word_embeddings: bool = False
+    layer_windows: list | None = None       # per layer: None (full attention) or (left, 0), a causal window
+
+    def windows(self) -> list:
+        """Each layer's attention window: None, or (W - 1, 0) for a sliding window of W keys."""
+        return self.layer_windows or [None] * self.num_layers
 
     @classmethod
     def from_hf(cls, c: dict, where: str = "config.json") -> "LlamaConfig":
@@ -50,7 +56,8 @@ class LlamaConfig:
                   intermediate_size=f.int("intermediate_size"), max_positions=f.int("max_position_embeddings", 2048),
                   rms_norm_eps=f.float("rms_norm_eps", 1e-6, positive=True),
                   hidden_act=f.str("hidden_act", "silu", choices=tuple(ACTIVATIONS)),
-                  attention_bias=f.bool("attention_bias", False), mlp_bias=f.bool("mlp_bias", False),
+                  qkv_bias=f.bool("attention_bias", False), out_bias=f.bool("attention_bias", False),
+                  mlp_bias=f.bool("mlp_bias", False),
                   pad_token_id=f.int("pad_token_id", None, min=0, none_ok=True),
                   tie_word_embeddings=f.bool("tie_word_embeddings", False))
         if "head_dim" not in c or c["head_dim"] is None:
@@ -59,7 +66,23 @@ class LlamaConfig:
         if cfg.head_dim % 2:
             raise ConfigError(f"{where}: head_dim = {cfg.head_dim} must be even for rotary embeddings")
         cfg.rope_theta, cfg.rope = rope_config(f)
+        cfg.layer_windows = sliding_windows(f, cfg.num_layers)
         return cfg
+
+
+def sliding_windows(f: Fields, layers: int) -> list | None:
+    """`sliding_window` (W keys, the query's own included: key j visible iff i - W < j <= i) on the layers that
+    `layer_types` marks "sliding_attention" (transformers 5), or on every layer when there is no `layer_types`
+    (Mistral); None: no layer has one."""
+    width = f.int("sliding_window", None, none_ok=True)
+    types = f.c.get("layer_types")
+    if types is None:
+        return None if width is None else [(width - 1, 0)] * layers
+    if not isinstance(types, list) or len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
+        f.fail("layer_types", types, f"must list {layers} of 'full_attention' / 'sliding_attention'")
+    if "sliding_attention" in types and width is None:
+        f.fail("sliding_window", None, "is needed by the 'sliding_attention' layers of layer_types")
+    return [(width - 1, 0) if t == "sliding_attention" else None for t in types]
 
 
 def rope_config(f: Fields) -> tuple[float, dict]:
@@ -158,26 +181,32 @@ def apply_rope(x, cos, sin):
 # ------------------------------------------------------------------------------------------------------ blocks
 
 class Attention(nn.Module):
-    """Causal self-attention with RoPE on q and k, and Hkv <= Hq key/value heads (GQA: each shared by a group)."""
+    """Causal self-attention with RoPE on q and k, and Hkv <= Hq key/value heads (GQA: each shared by a group);
+    a causal sliding window on the layers config.json gives one (`windows()`)."""
 
     def __init__(self, cfg: LlamaConfig, index: int):
         super().__init__()
         self.index, self.num_heads, self.num_kv_heads, self.head_dim = index, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.window = cfg.windows()[index]
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)      # q, k, v in one matmul
-        self.out = nn.Linear(q, cfg.hidden_size, bias=cfg.attention_bias)
+        self.qkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)            # q, k, v in one matmul
+        self.out = nn.Linear(q, cfg.hidden_size, bias=cfg.out_bias)
+
+    def heads(self, x):
+        """x (B, S, H) -> q and k (B, S, Hq + Hkv, D), v (B, S, Hkv, D): the projection, split into heads."""
+        b, s, _ = x.shape
+        return self.qkv(x).view(b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim).split(
+            (self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=2)
 
     def forward(self, x, batch: Batch):
         b, s, _ = x.shape
-        heads = self.num_heads + 2 * self.num_kv_heads
-        qk, v = self.qkv(x).view(b, s, heads, self.head_dim).split(
-            (self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=2)          # (B, S, Hq + Hkv, D), (B, S, Hkv, D)
+        qk, v = self.heads(x)                                                          # (B, S, Hq + Hkv, D), (B, S, Hkv, D)
         qk = apply_rope(qk, *batch.rope).transpose(1, 2)                               # q and k rotated in one call
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)                    # (B, Hq, S, D), (B, Hkv, S, D)
         v = v.transpose(1, 2)                                                          # (B, Hkv, S, D)
         if batch.cache is not None:                    # written at positions past.., read back from 0
             k, v = batch.cache.write(self.index, k, v, batch.past, batch.packing)     # (B, Hkv, past + S, D)
-        a, probs = batch.attend(q, k, v, scale=self.head_dim ** -0.5)                  # (B, Hq, S, D)
+        a, probs = batch.attend(q, k, v, scale=self.head_dim ** -0.5, window=self.window)   # (B, Hq, S, D)
         return self.out(a.transpose(1, 2).reshape(b, s, -1)), probs                    # (B, S, H)
 
 
@@ -198,10 +227,12 @@ class MLP(nn.Module):
 class LlamaLayer(nn.Module):
     """Pre-norm: x = x + attention(norm1(x)); x = x + mlp(norm2(x))."""
 
+    attention_class = Attention                     # a relative's own attention (qwen.py: Qwen3)
+
     def __init__(self, cfg: LlamaConfig, index: int):
         super().__init__()
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attention = Attention(cfg, index)
+        self.attention = self.attention_class(cfg, index)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -216,13 +247,14 @@ class LlamaLayer(nn.Module):
 class Llama(CausalLM):
     family = "llama"
     config_from_hf = staticmethod(LlamaConfig.from_hf)
+    layer_class = LlamaLayer                        # a relative's own layer (qwen.py: Qwen3)
 
     def __init__(self, cfg: LlamaConfig, head: str = "causal-lm"):
         super().__init__()
         self.config, self.head = cfg, head
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rope = RotaryEmbedding(cfg)
-        self.layers = nn.ModuleList(LlamaLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.layer_class(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if head == "causal-lm" else None
 

@@ -40,6 +40,9 @@ class OPTConfig:
     def num_kv_heads(self):
         return self.num_heads
 
+    def windows(self) -> list:
+        return [None] * self.num_layers             # every layer attends to the whole sequence
+
     @property
     def head_dim(self):
         return self.hidden_size // self.num_heads
