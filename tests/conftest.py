@@ -59,6 +59,11 @@ DECODERS = {
     "qwen3": ("Qwen3ForCausalLM", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, head_dim=16, vocab_size=99, max_position_embeddings=64,
                                        tie_word_embeddings=True)),
+    # local (window 4) and global layers, attention softcap 50 (scores large enough to bend: scalar 2), final 30
+    "gemma2": ("Gemma2ForCausalLM", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=99,
+                                         max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=2,
+                                         attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
 }
 
 

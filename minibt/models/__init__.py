@@ -2,6 +2,7 @@
 with `config_from_hf(dict, where)`; the loader builds it as `cls(config, head)`."""
 from .bert import Bert
 from .distilbert import DistilBert
+from .gemma2 import Gemma2
 from .llama import Llama
 from .mistral import Mistral
 from .opt import OPT
@@ -9,6 +10,6 @@ from .qwen import Qwen2, Qwen3
 from .roberta import Roberta
 
 MODEL_TYPES = {"bert": Bert, "roberta": Roberta, "distilbert": DistilBert, "opt": OPT, "llama": Llama,
-               "mistral": Mistral, "qwen2": Qwen2, "qwen3": Qwen3}
+               "mistral": Mistral, "qwen2": Qwen2, "qwen3": Qwen3, "gemma2": Gemma2}
 
-__all__ = ["MODEL_TYPES", "Bert", "Roberta", "DistilBert", "OPT", "Llama", "Mistral", "Qwen2", "Qwen3"]
+__all__ = ["MODEL_TYPES", "Bert", "Roberta", "DistilBert", "OPT", "Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2"]

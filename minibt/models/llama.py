@@ -187,7 +187,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, index: int):
         super().__init__()
         self.index, self.num_heads, self.num_kv_heads, self.head_dim = index, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.window = cfg.windows()[index]
+        self.scale = cfg.head_dim ** -0.5
+        self.variants = {"window": cfg.windows()[index]}             # the attention variants this layer uses
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)            # q, k, v in one matmul
         self.out = nn.Linear(q, cfg.hidden_size, bias=cfg.out_bias)
@@ -206,7 +207,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)                                                          # (B, Hkv, S, D)
         if batch.cache is not None:                    # written at positions past.., read back from 0
             k, v = batch.cache.write(self.index, k, v, batch.past, batch.packing)     # (B, Hkv, past + S, D)
-        a, probs = batch.attend(q, k, v, scale=self.head_dim ** -0.5, window=self.window)   # (B, Hq, S, D)
+        a, probs = batch.attend(q, k, v, scale=self.scale, **self.variants)             # (B, Hq, S, D)
         return self.out(a.transpose(1, 2).reshape(b, s, -1)), probs                    # (B, S, H)
 
 
@@ -279,7 +280,7 @@ class Llama(CausalLM):
         check_positions(position_ids, (b, s))
         batch = Batch(mask, (b, s), self.backend, causal=True, cache=cache, probs=output_attentions)
 
-        x = self.embed(batch.pack(input_ids))                                    # (B, S, H), or (1, T, H) packed
+        x = self.embeddings(batch.pack(input_ids))                               # (B, S, H), or (1, T, H) packed
         batch.rope = self.rope(batch.pack(position_ids), x.dtype)                # cos, sin (B, S, D) for every layer
         attentions = []
         for layer in self.layers:
@@ -289,8 +290,16 @@ class Llama(CausalLM):
 
         if last_only:
             x = batch.unpack(x)[:, -1:]                                          # left padding: the last column is real
-            logits = self.lm_head(x) if self.lm_head is not None else None
+            logits = self.logits(x) if self.lm_head is not None else None
         else:
-            logits = batch.unpack(self.lm_head(x)) if self.lm_head is not None else None
+            logits = batch.unpack(self.logits(x)) if self.lm_head is not None else None
             x = batch.unpack(x)
         return Output(x, logits, attentions=tuple(attentions) if output_attentions else None, past_key_values=cache)
+
+    def embeddings(self, ids):
+        """(B, S) token ids -> (B, S, H) (Gemma 2 scales them)."""
+        return self.embed(ids)
+
+    def logits(self, x):
+        """(..., H) -> (..., V) (Gemma 2 softcaps them)."""
+        return self.lm_head(x)
