@@ -64,6 +64,8 @@ DECODERS = {
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=99,
                                          max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=2,
                                          attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    # ALiBi; 6 heads: the slopes of 4, then every other one of 8's
+    "bloom-alibi": ("BloomForCausalLM", dict(hidden_size=48, n_layer=2, n_head=6, vocab_size=99)),
 }
 
 

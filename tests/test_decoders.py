@@ -28,9 +28,7 @@ def refused(model, attn) -> set:
     entry = minibt.attention.get(attn)
     if entry.route is not None:
         return set()
-    used = {name for layer in model.layers for name, value in getattr(layer.attention, "variants", {}).items()
-            if value is not None}
-    return used - entry.variants
+    return set(model.variants()) - entry.variants
 
 
 def assert_refused_by_name(model, attn, run):

@@ -1,6 +1,7 @@
 """model_type (config.json) -> model class. Each class names its weights map by `family` and reads its config.json
 with `config_from_hf(dict, where)`; the loader builds it as `cls(config, head)`."""
 from .bert import Bert
+from .bloom import Bloom
 from .distilbert import DistilBert
 from .gemma2 import Gemma2
 from .llama import Llama
@@ -10,6 +11,7 @@ from .qwen import Qwen2, Qwen3
 from .roberta import Roberta
 
 MODEL_TYPES = {"bert": Bert, "roberta": Roberta, "distilbert": DistilBert, "opt": OPT, "llama": Llama,
-               "mistral": Mistral, "qwen2": Qwen2, "qwen3": Qwen3, "gemma2": Gemma2}
+               "mistral": Mistral, "qwen2": Qwen2, "qwen3": Qwen3, "gemma2": Gemma2,
+               "bloom": Bloom}
 
-__all__ = ["MODEL_TYPES", "Bert", "Roberta", "DistilBert", "OPT", "Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2"]
+__all__ = ["MODEL_TYPES", "Bert", "Roberta", "DistilBert", "OPT", "Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Bloom"]

@@ -61,6 +61,11 @@ class Model(nn.Module):
         """{parameter name: the parameter it is tied to}."""
         return {}
 
+    def variants(self) -> frozenset:
+        """The attention variants its layers use (attention/mask.py: window, alibi, ...): a backend that cannot
+        compute one is refused when the forward begins, and `auto` routes by them."""
+        return frozenset()
+
 
 class CausalLM(Model):
     """What OPT and Llama share as models: the causal-LM head kinds, the LM head tied to the embeddings, generate."""

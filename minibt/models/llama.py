@@ -278,7 +278,8 @@ class Llama(CausalLM):
         if position_ids is None:        # a row's first real token is position 0, whatever its left padding
             position_ids = (mask.cumsum(1) - 1).clamp(min=0)[:, past:]
         check_positions(position_ids, (b, s))
-        batch = Batch(mask, (b, s), self.backend, causal=True, cache=cache, probs=output_attentions)
+        batch = Batch(mask, (b, s), self.backend, causal=True, cache=cache, probs=output_attentions,
+                      variants=self.variants())
 
         x = self.embeddings(batch.pack(input_ids))                               # (B, S, H), or (1, T, H) packed
         batch.rope = self.rope(batch.pack(position_ids), x.dtype)                # cos, sin (B, S, D) for every layer
@@ -295,6 +296,10 @@ class Llama(CausalLM):
             logits = batch.unpack(self.logits(x)) if self.lm_head is not None else None
             x = batch.unpack(x)
         return Output(x, logits, attentions=tuple(attentions) if output_attentions else None, past_key_values=cache)
+
+    def variants(self) -> frozenset:
+        return frozenset(name for layer in self.layers for name, value in layer.attention.variants.items()
+                         if value is not None)
 
     def embeddings(self, ids):
         """(B, S) token ids -> (B, S, H) (Gemma 2 scales them)."""
