@@ -24,6 +24,10 @@ ENCODERS = {
                                   "RobertaForSequenceClassification": "sequence-classification"}),
     "distilbert": ("DistilBertConfig", {"DistilBertModel": "base", "DistilBertForMaskedLM": "masked-lm",
                                         "DistilBertForSequenceClassification": "sequence-classification"}),
+    "xlm-roberta": ("XLMRobertaConfig", {"XLMRobertaModel": "base", "XLMRobertaForMaskedLM": "masked-lm",
+                                         "XLMRobertaForSequenceClassification": "sequence-classification"}),
+    "mpnet": ("MPNetConfig", {"MPNetModel": "base", "MPNetForMaskedLM": "masked-lm",
+                              "MPNetForSequenceClassification": "sequence-classification"}),
 }
 
 
@@ -105,7 +109,7 @@ def encoder_config(family: str, **overrides):
         kw = dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37, vocab_size=99, max_position_embeddings=64)
     else:
         kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99,
-                  max_position_embeddings=64 + (2 if family == "roberta" else 0))
+                  max_position_embeddings=64 + (2 if family in ("roberta", "xlm-roberta", "mpnet") else 0))
     kw.update(overrides)
     return getattr(transformers, ENCODERS[family][0])(**kw)
 

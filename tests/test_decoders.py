@@ -28,7 +28,7 @@ def refused(model, attn) -> set:
     entry = minibt.attention.get(attn)
     if entry.route is not None:
         return set()
-    return set(model.variants()) - entry.variants
+    return set(model.variants) - entry.variants
 
 
 def assert_refused_by_name(model, attn, run):

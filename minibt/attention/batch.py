@@ -102,9 +102,11 @@ class Batch:
     probs: the attention call also returns each layer's probabilities (output_attentions=True).
     variants: the attention variants the model's layers use (so `auto` picks a layout that suits them all).
     rope: (cos, sin) of the batch's positions, in its layout, for rotary families; their forward sets it.
+    relative: a RelativeBias whose table all layers share (MPNet); the family's forward sets it.
     """
 
     rope: tuple | None = None
+    relative = None
 
     def __init__(self, attention_mask, shape, backend, *, causal: bool = False, cache=None, probs: bool = False,
                  variants=frozenset()):

@@ -61,6 +61,9 @@ def apply(model) -> None:
     if getattr(model, "causal", False) or not isinstance(model.layers, LayerStack):
         raise BackendError(f"attn='fused' is torch's fused encoder layer, for encoders (BERT, RoBERTa, DistilBERT); "
                            f"{model.family} is a decoder: use 'varlen', 'sdpa' or 'auto'")
+    if model.variants:
+        raise BackendError(f"attn='fused': torch's fused encoder kernel computes plain attention, and {model.family} "
+                           f"needs {', '.join(sorted(model.variants))}; use attn='varlen' or 'sdpa' instead")
     act = model.config.hidden_act
     if act not in _KERNEL_ACTS:
         raise BackendError(f"attn='fused': torch's fused encoder kernel computes exact GELU or ReLU only, and this "

@@ -85,7 +85,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, batch: Batch):
         b, s, h = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, Hq, S, D)
-        a, probs = batch.attend(q, k, v, scale=self.head_dim ** -0.5)                             # (B, Hq, S, D)
+        # batch.relative: the relative-position table all layers share (MPNet), None for BERT
+        a, probs = batch.attend(q, k, v, scale=self.head_dim ** -0.5, relative=batch.relative)   # (B, Hq, S, D)
         return self.out(a.transpose(1, 2).reshape(b, s, h)), probs                                # (B, S, H)
 
 
@@ -188,12 +189,16 @@ class Bert(Model):
     def position_ids(self, input_ids):
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
+    def make_batch(self, mask, shape, probs: bool) -> Batch:
+        """The forward's Batch (MPNet adds its shared relative-position table to it)."""
+        return Batch(mask, shape, self.backend, probs=probs, variants=self.variants)
+
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_attentions=False) -> Output:
         check_ids(input_ids, vocab_size=self.config.vocab_size, max_length=self.max_length())
         mask = check_mask(attention_mask, input_ids.shape, device=input_ids.device)
         token_type_ids = check_token_types(token_type_ids, input_ids, self.config.type_vocab_size)
         positions = self.position_ids(input_ids)
-        batch = Batch(mask, input_ids.shape, self.backend, probs=output_attentions)
+        batch = self.make_batch(mask, input_ids.shape, output_attentions)
 
         x = self.embeddings(batch.pack(input_ids), batch.pack(token_type_ids), batch.pack(positions))
         x, attentions = self.layers(x, batch)                                 # (B, S, H), or (1, T, H) packed

@@ -133,6 +133,7 @@ class BloomLayer(nn.Module):
 class Bloom(CausalLM):
     family = "bloom"
     config_from_hf = staticmethod(BloomConfig.from_hf)
+    variants = frozenset({"alibi"})                 # every layer's attention: the ALiBi penalty
 
     def __init__(self, cfg: BloomConfig, head: str = "causal-lm"):
         super().__init__()
@@ -146,8 +147,6 @@ class Bloom(CausalLM):
     def max_length(self) -> int:
         return sys.maxsize                     # ALiBi has no position table: any length the memory allows
 
-    def variants(self) -> frozenset:
-        return frozenset({"alibi"})
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 output_attentions=False, last_only=False):
@@ -162,7 +161,7 @@ class Bloom(CausalLM):
         b, s = input_ids.shape
         mask = check_mask(attention_mask, (b, past + s), "(batch, cached + new tokens)", input_ids.device)
         batch = Batch(mask, (b, s), self.backend, causal=True, cache=cache, probs=output_attentions,
-                      variants=self.variants())
+                      variants=self.variants)
 
         x = self.embed_norm(self.embed(batch.pack(input_ids)))                  # (B, S, H), or (1, T, H) packed
         attentions = []

@@ -50,6 +50,8 @@ class Model(nn.Module):
     quantization: dict | None = None    # set when weights were quantized: scheme, quantized modules, group sizes
     attn = "auto"                       # the name of the attention backend in use
     backend: Backend = attention.get("auto")   # its registry entry, read by each forward's Batch
+    variants: frozenset = frozenset()   # the attention variants its layers use (attention/mask.py): a backend that
+                                        # cannot compute one is refused when a forward begins; auto routes by them
 
     def set_attention(self, name: str):
         """Switch the attention backend in place (any name in minibt.attention.backends()); returns the model."""
@@ -60,11 +62,6 @@ class Model(nn.Module):
     def tied(self) -> dict:
         """{parameter name: the parameter it is tied to}."""
         return {}
-
-    def variants(self) -> frozenset:
-        """The attention variants its layers use (attention/mask.py: window, alibi, ...): a backend that cannot
-        compute one is refused when the forward begins, and `auto` routes by them."""
-        return frozenset()
 
 
 class CausalLM(Model):

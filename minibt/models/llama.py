@@ -258,6 +258,8 @@ class Llama(CausalLM):
         self.layers = nn.ModuleList(self.layer_class(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if head == "causal-lm" else None
+        self.variants = frozenset(name for layer in self.layers for name, value in layer.attention.variants.items()
+                                  if value is not None)
 
     def max_length(self) -> int:
         # linear / dynamic scaling stretch the trained positions by `factor`; llama3 configs already state the
@@ -279,7 +281,7 @@ class Llama(CausalLM):
             position_ids = (mask.cumsum(1) - 1).clamp(min=0)[:, past:]
         check_positions(position_ids, (b, s))
         batch = Batch(mask, (b, s), self.backend, causal=True, cache=cache, probs=output_attentions,
-                      variants=self.variants())
+                      variants=self.variants)
 
         x = self.embeddings(batch.pack(input_ids))                               # (B, S, H), or (1, T, H) packed
         batch.rope = self.rope(batch.pack(position_ids), x.dtype)                # cos, sin (B, S, D) for every layer
@@ -296,10 +298,6 @@ class Llama(CausalLM):
             logits = batch.unpack(self.logits(x)) if self.lm_head is not None else None
             x = batch.unpack(x)
         return Output(x, logits, attentions=tuple(attentions) if output_attentions else None, past_key_values=cache)
-
-    def variants(self) -> frozenset:
-        return frozenset(name for layer in self.layers for name, value in layer.attention.variants.items()
-                         if value is not None)
 
     def embeddings(self, ids):
         """(B, S) token ids -> (B, S, H) (Gemma 2 scales them)."""
