@@ -28,6 +28,8 @@ ENCODERS = {
                                          "XLMRobertaForSequenceClassification": "sequence-classification"}),
     "mpnet": ("MPNetConfig", {"MPNetModel": "base", "MPNetForMaskedLM": "masked-lm",
                               "MPNetForSequenceClassification": "sequence-classification"}),
+    "modernbert": ("ModernBertConfig", {"ModernBertModel": "base", "ModernBertForMaskedLM": "masked-lm",
+                                        "ModernBertForSequenceClassification": "sequence-classification"}),
 }
 
 
@@ -107,6 +109,10 @@ def encoder_config(family: str, **overrides):
     import transformers
     if family == "distilbert":
         kw = dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37, vocab_size=99, max_position_embeddings=64)
+    elif family == "modernbert":      # local layers with a window of ±2 (shorter than the 9-token rows), a global one
+        kw = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, vocab_size=99,
+                  max_position_embeddings=64, local_attention=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  cls_token_id=1, sep_token_id=2)
     else:
         kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99,
                   max_position_embeddings=64 + (2 if family in ("roberta", "xlm-roberta", "mpnet") else 0))

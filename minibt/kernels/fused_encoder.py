@@ -58,12 +58,15 @@ def apply(model) -> None:
     """Swap the layer stack; raises a BackendError naming why when this model cannot run fused exactly."""
     if isinstance(model.layers, FusedEncoder):
         return
-    if getattr(model, "causal", False) or not isinstance(model.layers, LayerStack):
-        raise BackendError(f"attn='fused' is torch's fused encoder layer, for encoders (BERT, RoBERTa, DistilBERT); "
-                           f"{model.family} is a decoder: use 'varlen', 'sdpa' or 'auto'")
     if model.variants:
         raise BackendError(f"attn='fused': torch's fused encoder kernel computes plain attention, and {model.family} "
                            f"needs {', '.join(sorted(model.variants))}; use attn='varlen' or 'sdpa' instead")
+    if getattr(model, "causal", False):
+        raise BackendError(f"attn='fused' is torch's fused encoder layer, for encoders; {model.family} is a decoder: "
+                           "use 'varlen', 'sdpa' or 'auto'")
+    if not isinstance(model.layers, LayerStack):
+        raise BackendError(f"attn='fused' runs BERT's post-LN layer (BERT, RoBERTa, XLM-R, DistilBERT); "
+                           f"{model.family}'s layers are another network: use 'varlen', 'sdpa' or 'auto'")
     act = model.config.hidden_act
     if act not in _KERNEL_ACTS:
         raise BackendError(f"attn='fused': torch's fused encoder kernel computes exact GELU or ReLU only, and this "

@@ -6,6 +6,7 @@ from .distilbert import DistilBert
 from .gemma2 import Gemma2
 from .llama import Llama
 from .mistral import Mistral
+from .modernbert import ModernBert
 from .mpnet import MPNet
 from .opt import OPT
 from .qwen import Qwen2, Qwen3
@@ -13,9 +14,9 @@ from .roberta import Roberta
 from .xlm_roberta import Camembert, XLMRoberta
 
 MODEL_TYPES = {"bert": Bert, "roberta": Roberta, "xlm-roberta": XLMRoberta, "camembert": Camembert,
-               "distilbert": DistilBert, "mpnet": MPNet, "opt": OPT, "llama": Llama,
+               "distilbert": DistilBert, "mpnet": MPNet, "modernbert": ModernBert, "opt": OPT, "llama": Llama,
                "mistral": Mistral, "qwen2": Qwen2, "qwen3": Qwen3, "gemma2": Gemma2,
                "bloom": Bloom}
 
-__all__ = ["MODEL_TYPES", "Bert", "Roberta", "XLMRoberta", "Camembert", "MPNet", "DistilBert", "OPT", "Llama", "Mistral",
+__all__ = ["MODEL_TYPES", "Bert", "Roberta", "XLMRoberta", "Camembert", "MPNet", "ModernBert", "DistilBert", "OPT", "Llama", "Mistral",
            "Qwen2", "Qwen3", "Gemma2", "Bloom"]
