@@ -82,7 +82,8 @@ def _checked(name: str, fn: Callable, numbers: bool) -> Callable:
             if not hasattr(got, "shape") or tuple(got.shape) != want_shape or got.dtype != q.dtype:
                 shape = tuple(got.shape) if hasattr(got, "shape") else type(got).__name__
                 raise BackendError(f"attention backend {name!r} returned {shape} {getattr(got, 'dtype', '')}; "
-                                   f"it must return (B, Hq, Sq, Dv) = {want_shape} and q's dtype {q.dtype}")
+                                   f"it must return q's shape with v's head dim, (B, Hq, Sq, Dv) = {want_shape}, "
+                                   f"and dtype {q.dtype}")
             if numbers:
                 from .testing import TOLERANCE
                 with torch.no_grad():

@@ -63,3 +63,66 @@ def attention_map(model, tok, text: str, layer: int = 0, head: int = 0, path="at
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- variant masks
+
+def variant_masks(length: int = 16) -> dict:
+    """{name: (title, (Sq, Skv) array: bool where a query may attend, or the additive bias where it may)}: each
+    attention variant as the models use it, drawn from minibt's own AttnMask (what every backend reads)."""
+    import math
+    from ..attention import AttnMask, RelativeBias
+    from ..models.mpnet import mpnet_bucket
+    heads = 8
+    slopes = torch.tensor([2 ** (-8 * (i + 1) / heads) for i in range(heads)])
+    cases = {
+        "causal": ("causal (every decoder)", AttnMask(causal=True)),
+        "window-causal": ("causal sliding window W=4 (Mistral, Gemma 2 local, gpt-oss)",
+                          AttnMask(causal=True).with_variants(window=(3, 0))),
+        "window-bidirectional": ("bidirectional window ±2 (ModernBERT local layers)",
+                                 AttnMask().with_variants(window=(2, 2))),
+        "alibi": (f"ALiBi bias, head 0 of {heads} (slope {slopes[0]:.2f}; BLOOM: causal)",
+                  AttnMask(causal=True).with_variants(alibi=slopes)),
+        "relative": ("relative-position buckets, head 0 (MPNet, a random table)",
+                     AttnMask().with_variants(relative=RelativeBias(torch.randn(32, heads, generator=torch.Generator()
+                                                                               .manual_seed(0)), mpnet_bucket))),
+    }
+    out = {}
+    local, glob = (cases[n][1].allowed(length, length)[0, 0].float() for n in ("window-causal", "causal"))
+    gap = torch.full((length, 1), 0.5)                       # a grey column between the two layers
+    out["local-global"] = ("alternating layers (Gemma 2, gpt-oss): local W=4 | global", torch.cat([local, gap, glob], 1))
+    for name, (title, mask) in cases.items():
+        allowed = mask.allowed(length, length)
+        allowed = torch.ones(length, length, dtype=torch.bool) if allowed is None else allowed[0, 0]
+        bias = mask.score_bias(length, length)
+        picture = allowed.float() if bias is None else bias[0, 0].masked_fill(~allowed, math.nan)
+        out[name] = (title, picture)
+    return out
+
+
+def mask_pictures(folder, length: int = 16) -> list[Path]:
+    """One PNG per attention variant in `folder` (needs matplotlib): white = attend, dark = masked; a bias is a
+    heatmap, with masked cells blank."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MinibtError("mask pictures need matplotlib: pip install 'minibt[plot]'") from None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, (title, picture) in variant_masks(length).items():
+        fig, ax = plt.subplots(figsize=(8.4 if name == "local-global" else 4.2, 4.2))
+        is_bias = name in ("alibi", "relative")
+        im = ax.imshow(picture.numpy(), cmap="viridis" if is_bias else "gray", vmin=None if is_bias else 0.0)
+        if is_bias:
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        ax.set_xlabel("key j")
+        ax.set_ylabel("query i")
+        ax.set_title(title, fontsize=8)
+        fig.tight_layout()
+        paths.append(folder / f"mask-{name}.png")
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+    return paths

@@ -25,6 +25,8 @@ class AuditResult:
     layers: int
     rows: list = field(default_factory=list)       # one dict per backend and layer
     summary: dict = field(default_factory=dict)    # backend -> {ms, peak_mb, first_bad_layer, max_rel}
+    refused: dict = field(default_factory=dict)    # backend -> the attention variants it cannot compute
+    variants: tuple = ()                           # the model's attention variants (attention/mask.py)
     title: str = ""                                # names the model and dtype on plots
 
     def table(self) -> str:
@@ -33,6 +35,8 @@ class AuditResult:
         for name, s in self.summary.items():
             bad = "none" if s["first_bad_layer"] is None else str(s["first_bad_layer"])
             lines.append(f"| {name} | {s['ms']:.1f} | {s['peak_mb']:.1f} | {s['max_rel']:.1e} | {bad} |")
+        for name, missing in self.refused.items():
+            lines.append(f"| {name} | refused: cannot compute {', '.join(missing)} | | | |")
         lines += ["", "| backend | layer | attention max abs | attention max rel | hidden max abs | hidden max rel |",
                   "|---|---|---|---|---|---|"]
         for r in self.rows:
@@ -52,7 +56,7 @@ def _trace(model, backend: Backend, inputs: dict):
     hooks = [layer.register_forward_hook(lambda m, a, out: hidden.append(out[0])) for layer in model.layers]  # (x, probs)
     saved = model.attn
     model.set_attention(backend.name)                    # leaves attn="fused" (whole-stack path) if it was set
-    model.backend = Backend(backend.name, recording, backend.packed)
+    model.backend = Backend(backend.name, recording, backend.packed, variants=backend.variants)
     try:
         with torch.inference_mode():
             model(**inputs)
@@ -111,11 +115,16 @@ def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None,
     dtype = next(model.parameters()).dtype
     ref = copy.deepcopy(model).to(torch.float64)
     ref_attn, ref_hidden = _trace(ref, attention.get("naive"), inputs)
-    result = AuditResult(dtype, len(model.layers), title=title)
+    result = AuditResult(dtype, len(model.layers), title=title, variants=tuple(sorted(model.variants)))
     saved_attn = model.attn
     try:
         for name in names:
             backend = attention.get(name)
+            if set(model.variants) - backend.variants:          # refused by name, never run on another backend
+                result.refused[name] = sorted(set(model.variants) - backend.variants)
+                if progress is not None:
+                    progress(name)
+                continue
             attn, hidden = _trace(model, backend, inputs)
             model.set_attention(name)
             first_bad, worst = None, 0.0

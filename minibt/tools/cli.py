@@ -343,15 +343,23 @@ def attend_map_args(p):
     add_model(p)
     add_dtype(p)
     add_quantize(p)
-    p.add_argument("text")
+    p.add_argument("text", nargs="?", help="the text whose attention is drawn (not needed with --masks)")
     p.add_argument("--layer", type=non_negative, default=0)
     p.add_argument("--head", type=non_negative, default=0)
     p.add_argument("--out", default="attention.png", help="PNG path (default %(default)s; needs matplotlib)")
+    p.add_argument("--masks", metavar="DIR", help="instead: draw each attention variant's mask (windows, "
+                   "ALiBi, relative buckets) as PNGs into DIR")
 
 
 def attend_map_run(args):
     import minibt
-    from .attention_map import attention_map
+    from .attention_map import attention_map, mask_pictures
+    if args.masks:
+        for path in mask_pictures(args.masks):
+            print(f"wrote {path}")
+        return
+    if args.text is None:
+        raise MinibtError("attend-map needs a text (or --masks DIR)")
     model, name = load(args)            # attention probabilities always come from `naive`, the spec
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     path = attention_map(model, minibt.load_tokenizer(name), args.text, args.layer, args.head, args.out,
