@@ -56,7 +56,9 @@ def mpnet_bucket(distance, buckets=32, max_distance=128):
 def skip_reason(name, hq, s, dtype_bytes, mem_gb, window):
     if name == "naive" and 2 * hq * s * s * 4 > mem_gb * 2**30:
         return f"needs ~{2 * hq * s * s * 4 / 2**30:.0f} GB"
-    if name in ("tiled", "flex eager"):
+    if name == "flex eager" and s > 2048:
+        return "minutes (eager: S x S scores)"
+    if name == "tiled":
         seen = s if window is None else min(s, sum(w for w in window if w is not None) + 1)
         tiles = hq * (s / 64) * (seen / 64)
         if tiles > 2e5:

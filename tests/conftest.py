@@ -72,6 +72,14 @@ DECODERS = {
                                          attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
     # ALiBi; 6 heads: the slopes of 4, then every other one of 8's
     "bloom-alibi": ("BloomForCausalLM", dict(hidden_size=48, n_layer=2, n_head=6, vocab_size=99)),
+    # sinks, 128-token windows shortened to 4 on every other layer, 4 experts (top 2), YaRN
+    "gpt-oss": ("GptOssForCausalLM", dict(hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=99,
+                                          sliding_window=4, num_local_experts=4, num_experts_per_tok=2,
+                                          max_position_embeddings=64, rope_parameters=dict(
+                                              rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                                              truncate=False, original_max_position_embeddings=16,
+                                              rope_theta=150000.0))),
 }
 
 

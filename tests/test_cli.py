@@ -321,3 +321,12 @@ def test_version_falls_back_to_pyproject(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", missing)
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert minibt.__version__ == version and asked == ["minibt"]
+
+
+def test_attend_map_draws_each_variants_mask(tmp_path):
+    """attend-map --masks: one PNG per attention variant, from minibt's own AttnMask."""
+    out = run("attend-map", "--masks", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    names = {"causal", "window-causal", "window-bidirectional", "local-global", "alibi", "relative"}
+    assert {p.name for p in tmp_path.iterdir()} == {f"mask-{n}.png" for n in names}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in tmp_path.iterdir())

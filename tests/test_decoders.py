@@ -96,17 +96,19 @@ def test_rows_stop_at_eos_like_transformers(tiny_decoder):
 
 
 @pytest.mark.parametrize("name", ["opt-post-ln-projected", "llama3-mqa-tied-bias-headdim", "mistral-window",
-                                  "qwen2-window-layers"])
+                                  "qwen2-window-layers", "gemma2", "gpt-oss", "bloom-alibi"])
 def test_kv_cache_logits_equal_full_recomputation(tiny_decoder, name):
     from minibt.attention import KVCache
     folder, _ = tiny_decoder(name)
-    model = minibt.from_hub(folder, attn="sdpa")
+    model = minibt.from_hub(folder, attn="naive")
     ids, mask = left_padded(99, 1)
     extra = torch.randint(3, 99, (3, 4))
     full_ids = torch.cat([ids, extra], 1)
     full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
     full = model(full_ids, attention_mask=full_mask).logits
-    for attn in ("varlen", "sdpa", "naive"):                # varlen: a packed prefill written into the cache
+    for attn in ("varlen", "sdpa", "naive", "tiled"):       # varlen: a packed prefill written into the cache
+        if refused(model, attn):                            # Gemma 2's softcap: sdpa and varlen are refused
+            continue
         model.set_attention(attn)
         cache = KVCache.for_model(model, 3, full_ids.shape[1])
         step = [model(ids, attention_mask=mask, past_key_values=cache).logits]
@@ -256,3 +258,17 @@ def test_windowed_layers_keep_a_rolling_cache_of_their_window(tiny_decoder):
         want = ref(input_ids=out[:, :-1], attention_mask=full_mask[:, :-1],
                    position_ids=hf_positions(full_mask[:, :-1])).logits[:, -1].argmax(-1)
     assert torch.equal(out[:, -1], want)
+
+
+def test_gpt_oss_experts_and_quantization(tiny_decoder):
+    """The experts run as one batched product per expert: every expert a token chose, and the output mixes them by
+    the router's softmax over the chosen logits. Quantizing leaves no part float silently: refused by name."""
+    from minibt.kernels.quantize import QuantizeError
+    folder, ref = tiny_decoder("gpt-oss")
+    model = minibt.from_hub(folder)
+    experts, ref_mlp = model.layers[0].mlp, ref.model.layers[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x), ref_mlp(x)[0], atol=1e-5, rtol=0)
+    with pytest.raises(QuantizeError, match="layers.0.mlp.gate_up is a stack of expert weights"):
+        minibt.from_hub(folder, quantize="int8")

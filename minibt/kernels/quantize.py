@@ -217,6 +217,10 @@ def check(model, scheme: str, group_size: int = 32) -> list[str]:
     check_scheme(scheme)
     if getattr(model, "quantization", None):
         raise QuantizeError(f"this model is already quantized ({model.quantization['scheme']})")
+    experts = next((n for n, p in model.named_parameters() if p.dim() == 3), None)
+    if experts is not None:
+        raise QuantizeError(f"{model.family}: {experts} is a stack of expert weights, which the int8/int4 linears do "
+                            "not cover; refused rather than quantizing only the rest of the model")
     names = targets(model)
     if scheme == "int4":
         for name in names:

@@ -4,6 +4,7 @@ from .bert import Bert
 from .bloom import Bloom
 from .distilbert import DistilBert
 from .gemma2 import Gemma2
+from .gpt_oss import GptOss
 from .llama import Llama
 from .mistral import Mistral
 from .modernbert import ModernBert
@@ -16,7 +17,7 @@ from .xlm_roberta import Camembert, XLMRoberta
 MODEL_TYPES = {"bert": Bert, "roberta": Roberta, "xlm-roberta": XLMRoberta, "camembert": Camembert,
                "distilbert": DistilBert, "mpnet": MPNet, "modernbert": ModernBert, "opt": OPT, "llama": Llama,
                "mistral": Mistral, "qwen2": Qwen2, "qwen3": Qwen3, "gemma2": Gemma2,
-               "bloom": Bloom}
+               "bloom": Bloom, "gpt_oss": GptOss}
 
-__all__ = ["MODEL_TYPES", "Bert", "Roberta", "XLMRoberta", "Camembert", "MPNet", "ModernBert", "DistilBert", "OPT", "Llama", "Mistral",
-           "Qwen2", "Qwen3", "Gemma2", "Bloom"]
+__all__ = ["MODEL_TYPES", "Bert", "Roberta", "XLMRoberta", "Camembert", "MPNet", "ModernBert", "DistilBert", "OPT",
+           "Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Bloom", "GptOss"]

@@ -60,7 +60,10 @@ class Gemma2Attention(Attention):
     def __init__(self, cfg: Gemma2Config, index: int):
         super().__init__(cfg, index)
         self.scale = cfg.query_pre_attn_scalar ** -0.5
-        self.variants["softcap"] = cfg.attn_softcap                  # c * tanh(s / c) on every score
+        self.softcap = cfg.attn_softcap
+
+    def variants(self) -> dict:
+        return {**super().variants(), "softcap": self.softcap}        # c * tanh(s / c) on every score
 
 
 class Gemma2Layer(LlamaLayer):

@@ -101,7 +101,26 @@ def rope_config(f: Fields) -> tuple[float, dict]:
         out["original_max_position_embeddings"] = r.int("original_max_position_embeddings")
         if out["high_freq_factor"] <= out["low_freq_factor"]:
             r.fail("high_freq_factor", out["high_freq_factor"], "must be > low_freq_factor")
+    if kind == "yarn":
+        out["original_max_position_embeddings"] = r.int("original_max_position_embeddings")
+        out["beta_fast"] = r.float("beta_fast", 32.0, positive=True) if rope.get("beta_fast") is not None else 32.0
+        out["beta_slow"] = r.float("beta_slow", 1.0, positive=True) if rope.get("beta_slow") is not None else 1.0
+        out["truncate"] = r.bool("truncate", True)
+        out["attention_factor"] = yarn_attention_factor(r, out["factor"])
     return theta, out
+
+
+def yarn_attention_factor(r: Fields, factor: float) -> float:
+    """YaRN's scale of cos and sin: `attention_factor` if given, else 0.1 ln(factor) + 1 (with mscale and
+    mscale_all_dim, the ratio of two such terms)."""
+    if r.c.get("attention_factor") is not None:
+        return r.float("attention_factor", positive=True)
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    if r.c.get("mscale") and r.c.get("mscale_all_dim"):
+        return mscale(factor, r.float("mscale")) / mscale(factor, r.float("mscale_all_dim"))
+    return mscale(factor)
 
 
 # ------------------------------------------------------------------------------------------------------ norm
@@ -147,8 +166,25 @@ def _llama3_scaling(inv_freq, rope, seq_len, cfg):
     return torch.where(medium, blended, scaled)
 
 
+def _yarn_scaling(inv_freq, rope, seq_len, cfg):
+    """YaRN (Peng et al., 2023): frequencies that turn fewer than beta_slow times over the original context are
+    interpolated (divided by `factor`), those that turn more than beta_fast times are kept, a linear ramp between;
+    cos and sin are then scaled by `attention_factor` (RotaryEmbedding)."""
+    d, base = cfg.head_dim, cfg.rope_theta
+
+    def dim_of(turns):               # the pair index whose wavelength fits `turns` times in the original context
+        return d * math.log(rope["original_max_position_embeddings"] / (turns * 2 * math.pi)) / (2 * math.log(base))
+    low, high = dim_of(rope["beta_fast"]), dim_of(rope["beta_slow"])
+    if rope["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device=inv_freq.device) - low)
+            / (high - low if high != low else 0.001)).clamp(0, 1)
+    return inv_freq / rope["factor"] * ramp + inv_freq * (1 - ramp)
+
+
 ROPE_KINDS = {"default": lambda inv_freq, *_: inv_freq, "linear": _linear_scaling, "dynamic": _dynamic_scaling,
-              "llama3": _llama3_scaling}
+              "llama3": _llama3_scaling, "yarn": _yarn_scaling}
 
 
 class RotaryEmbedding(nn.Module):
@@ -165,7 +201,10 @@ class RotaryEmbedding(nn.Module):
         inv_freq = ROPE_KINDS[cfg.rope["rope_type"]](inv_freq, cfg.rope, seq_len, cfg)
         angles = positions.float()[..., None] * inv_freq                                    # (B, S, D/2)
         emb = torch.cat((angles, angles), dim=-1)                                           # (B, S, D)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if "attention_factor" in cfg.rope:                                                  # YaRN scales both
+            cos, sin = cos * cfg.rope["attention_factor"], sin * cfg.rope["attention_factor"]
+        return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x):
@@ -188,7 +227,7 @@ class Attention(nn.Module):
         super().__init__()
         self.index, self.num_heads, self.num_kv_heads, self.head_dim = index, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
-        self.variants = {"window": cfg.windows()[index]}             # the attention variants this layer uses
+        self.window = cfg.windows()[index]                            # None, or a causal sliding window
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)            # q, k, v in one matmul
         self.out = nn.Linear(q, cfg.hidden_size, bias=cfg.out_bias)
@@ -199,15 +238,19 @@ class Attention(nn.Module):
         return self.qkv(x).view(b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim).split(
             (self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=2)
 
+    def variants(self) -> dict:
+        """The attention variants this layer uses (attention/mask.py): a window on the layers that have one."""
+        return {"window": self.window}
+
     def forward(self, x, batch: Batch):
         b, s, _ = x.shape
-        qk, v = self.heads(x)                                                          # (B, S, Hq + Hkv, D), (B, S, Hkv, D)
+        qk, v = self.heads(x)                                  # (B, S, Hq + Hkv, D), (B, S, Hkv, D)
         qk = apply_rope(qk, *batch.rope).transpose(1, 2)                               # q and k rotated in one call
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)                    # (B, Hq, S, D), (B, Hkv, S, D)
         v = v.transpose(1, 2)                                                          # (B, Hkv, S, D)
         if batch.cache is not None:                    # written at positions past.., read back from 0
             k, v = batch.cache.write(self.index, k, v, batch.past, batch.packing)     # (B, Hkv, past + S, D)
-        a, probs = batch.attend(q, k, v, scale=self.scale, **self.variants)             # (B, Hq, S, D)
+        a, probs = batch.attend(q, k, v, scale=self.scale, **self.variants())           # (B, Hq, S, D)
         return self.out(a.transpose(1, 2).reshape(b, s, -1)), probs                    # (B, S, H)
 
 
@@ -258,7 +301,7 @@ class Llama(CausalLM):
         self.layers = nn.ModuleList(self.layer_class(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if head == "causal-lm" else None
-        self.variants = frozenset(name for layer in self.layers for name, value in layer.attention.variants.items()
+        self.variants = frozenset(name for layer in self.layers for name, value in layer.attention.variants().items()
                                   if value is not None)
 
     def max_length(self) -> int:

@@ -54,7 +54,8 @@ class ModernBertConfig:
         f = Fields(c, where)
         layers = f.int("num_hidden_layers", min=0)
         every = f.int("global_attn_every_n_layers", 3)
-        types = f.c.get("layer_types") or ["sliding_attention" if i % every else "full_attention" for i in range(layers)]
+        types = f.c.get("layer_types") or ["sliding_attention" if i % every else "full_attention"
+                                           for i in range(layers)]
         if not isinstance(types, list) or len(types) != layers or not set(types) <= {"full_attention",
                                                                                        "sliding_attention"}:
             f.fail("layer_types", types, f"must list {layers} of 'full_attention' / 'sliding_attention'")
