@@ -77,6 +77,7 @@ def timed(fn, reps):
 
 
 def run_case(label, model, hq, hkv, d, causal, make, s, dtype, reps, mem_gb):
+    torch._dynamo.reset()        # each case is another model: in one process they would add up to dynamo's limit
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, hq, s, d, generator=g).to(dtype)
     k, v = (torch.randn(1, hkv, s, d, generator=g).to(dtype) for _ in range(2))

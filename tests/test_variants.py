@@ -135,3 +135,24 @@ def test_compiled_flex_matches_naive_on_every_variant(monkeypatch):
     torch.testing.assert_close(got.transpose(1, 2)[keys], want.transpose(1, 2)[keys], atol=1e-5, rtol=0)
     with pytest.raises(BackendError, match="inference only"):
         attention.get("flex").fn(q.requires_grad_(), k, v, mask=mask, scale=0.25)
+
+
+def test_compiled_flex_never_falls_back_to_eager_silently(monkeypatch):
+    """Decode steps (a new query offset each) reuse one compiled graph; a new shape past dynamo's recompile limit
+    is a BackendError that says so, not a silent eager run."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(flex_module, "COMPILED", True)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    counters.clear()
+    with torch.no_grad():
+        for past in (5, 6, 7):                                            # three decode steps, one graph
+            q, kv = torch.randn(1, 4, 1, 16), torch.randn(1, 2, past + 1, 16)
+            attention.get("flex").fn(q, kv, kv, mask=AttnMask(causal=True, q_offset=past).with_variants(
+                window=(3, 0), sinks=torch.randn(4)), scale=0.25)
+        assert counters["stats"]["unique_graphs"] == 1
+        q = torch.randn(2, 4, 200, 16)                                    # another shape: past the limit of 1
+        with pytest.raises(BackendError, match="recompile limit.*COMPILED = False"):
+            attention.get("flex").fn(q, q[:, :2], q[:, :2], mask=AttnMask(causal=True), scale=0.25)
+    torch._dynamo.reset()

@@ -52,7 +52,9 @@ def flex(q, k, v, *, mask: AttnMask, scale: float):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         try:
-            out = fn(q, k, v, allowed, *blocks, *extras, scale, mask.q_offset, skv, mask.softcap, sink,
+            # offsets as tensors: a compiled call is specialised on Python ints, and these change every decode step
+            offsets = torch.tensor([mask.q_offset, skv], device=q.device)
+            out = fn(q, k, v, allowed, *blocks, *extras, scale, offsets, mask.softcap, sink,
                      None if mask.relative is None else mask.relative.bucket)
         except Exception as e:                                                  # noqa: BLE001 (dynamo's errors)
             if "recompile" in str(e).lower() or type(e).__name__ == "FailOnRecompileLimitHit":
@@ -66,10 +68,11 @@ def flex(q, k, v, *, mask: AttnMask, scale: float):
     return out if empty is None else out.masked_fill(empty, 0.0)
 
 
-def _call(q, k, v, allowed, kv_num, kv_idx, full_num, full_idx, alibi, table, sinks, scale, q_offset, skv, softcap,
+def _call(q, k, v, allowed, kv_num, kv_idx, full_num, full_idx, alibi, table, sinks, scale, offsets, softcap,
           sink, bucket):
     """One flex call; score_mod and mask_mod are made here so that a compiled caller traces them afresh."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    q_offset, skv = offsets[0], offsets[1]                              # query 0's position; the sink key's index
 
     def mask_mod(b, h, qi, ki):
         return allowed[b, 0, qi, ki]
