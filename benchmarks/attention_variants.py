@@ -21,6 +21,7 @@ import torch
 from _report import table, write_section
 from minibt import attention
 from minibt.attention import AttnMask, RelativeBias
+from minibt.models.mpnet import mpnet_bucket
 from minibt.tools.audit import _peak_live_bytes
 
 # (label, model whose heads are used, Hq, Hkv, D, causal, variants as AttnMask data (made per case))
@@ -40,17 +41,6 @@ def alibi(heads):
     n = 2 ** math.floor(math.log2(heads))
     return [2 ** (-8 * (i + 1) / n) for i in range(n)] + [2 ** (-8 * (i + 1) / (2 * n)) for i in range(2 * n)][0::2][
         :heads - n]
-
-
-def mpnet_bucket(distance, buckets=32, max_distance=128):
-    """MPNet's (T5's bidirectional) bucket of a signed distance key - query."""
-    half = buckets // 2
-    out = (distance > 0).long() * half
-    n = distance.abs()
-    exact = half // 2
-    large = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
-                     * (half - exact)).long().clamp(max=half - 1)
-    return out + torch.where(n < exact, n, large)
 
 
 def skip_reason(name, hq, s, dtype_bytes, mem_gb, window):

@@ -68,6 +68,29 @@ def linears_alone(model, batch: int, reps: int = 5) -> float:
         return min(_timed(run) for _ in range(reps))
 
 
+def prefill_and_decode(ours, ref, ids, mask, new: int, reps: int):
+    """((minibt prefills/s, decode steps/s), (transformers' same)): generate(1) is the prefill, (generate(1 + new)
+    - generate(1)) / new a decode step; the two run interleaved, after a warm-up, median of `reps`."""
+    runs = {
+        "minibt": lambda n: ours.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[]),
+        "transformers": lambda n: ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                               min_new_tokens=n, do_sample=False, pad_token_id=2),
+    }
+    times = {name: {"pre": [], "all": []} for name in runs}
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn(2)                                                      # warm-up
+        for _ in range(reps):
+            for name, fn in runs.items():                              # interleaved
+                times[name]["pre"].append(_timed(lambda: fn(1)))
+                times[name]["all"].append(_timed(lambda: fn(1 + new)))
+    out = []
+    for t in times.values():
+        pre, full = statistics.median(t["pre"]), statistics.median(t["all"])
+        out.append((1 / pre, new / (full - pre)))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=32, help="decode steps")
@@ -75,12 +98,16 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quantized", action="store_true", help="the quantized section instead (int8/int4, llama.cpp)")
     ap.add_argument("--note", default="", help="a paragraph to add under the quantized table")
+    ap.add_argument("--families", action="store_true",
+                    help="the families section instead: each Llama relative at a real model's layer shapes")
     ap.add_argument("--rss", help=argparse.SUPPRESS)             # internal: one variant's resident memory
     args = ap.parse_args()
     if args.rss:
         return print(rss_of_variant(args.rss))
     if args.quantized:
         return quantized_main(args)
+    if args.families:
+        return families_main(args)
     import transformers
     import minibt
     folder = build_smollm2()
@@ -93,24 +120,9 @@ def main():
         for batch in (1, 4):
             ids, mask = prompts(batch, args.prompt)
             real = int(mask.sum())
-            runs = {
-                "minibt": lambda n: ours.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[]),
-                "transformers": lambda n: ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                                                       min_new_tokens=n, do_sample=False, pad_token_id=2),
-            }
-            times = {name: {"pre": [], "all": []} for name in runs}
-            with torch.inference_mode():
-                for fn in runs.values():
-                    fn(2)                                              # warm-up
-                for _ in range(args.reps):
-                    for name, fn in runs.items():                      # interleaved
-                        times[name]["pre"].append(_timed(lambda: fn(1)))
-                        times[name]["all"].append(_timed(lambda: fn(1 + args.new)))
-            res = {}
-            for name, t in times.items():
-                pre, full = statistics.median(t["pre"]), statistics.median(t["all"])
-                res[name] = (real / pre, batch * args.new / (full - pre))
-            (mp, md), (tp, td) = res["minibt"], res["transformers"]
+            (mp, md), (tp, td) = prefill_and_decode(ours, ref, ids, mask, args.new, args.reps)
+            mp, tp = mp * real, tp * real
+            md, td = md * batch, td * batch
             d = str(dtype).removeprefix("torch.")
             ceiling = batch / linears_alone(ours, batch)
             rows.append([d, batch, f"{mp:.0f}", f"{tp:.0f}", f"{mp / tp:.2f}x", f"{md:.1f}", f"{td:.1f}",
@@ -130,6 +142,65 @@ def main():
                      "linears-only ceiling tok/s (vs transformers)"], rows)
             + "\n\n" + "\n".join(notes))
     write_section("generate", body)
+
+
+# ---------------------------------------------------------------------------------------------- families
+
+# (family, the real model whose layer shapes are used, transformers class, config; fewer layers than the real one)
+FAMILIES = [
+    ("qwen3", "Qwen3-0.6B", "Qwen3ForCausalLM", dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
+                                                     num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                                     num_hidden_layers=4, tie_word_embeddings=True)),
+    ("qwen2", "Qwen2.5-0.5B", "Qwen2ForCausalLM", dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                                                       num_key_value_heads=2, vocab_size=151936, num_hidden_layers=4,
+                                                       tie_word_embeddings=True)),
+    ("mistral", "Mistral-7B (window 32 here)", "MistralForCausalLM", dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+        num_hidden_layers=1, sliding_window=32)),
+    ("gemma2", "Gemma-2-2B (window 32 here)", "Gemma2ForCausalLM", dict(
+        hidden_size=2304, intermediate_size=9216, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        vocab_size=256000, num_hidden_layers=2, sliding_window=32, query_pre_attn_scalar=256)),
+    ("bloom", "BLOOM-560m", "BloomForCausalLM", dict(hidden_size=1024, n_head=16, vocab_size=250880, n_layer=4)),
+    ("gpt-oss", "gpt-oss-20b (window 32 here)", "GptOssForCausalLM", dict(
+        hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+        vocab_size=201088, num_hidden_layers=1, num_local_experts=32, num_experts_per_tok=4, sliding_window=32)),
+]
+
+
+def families_main(args):
+    """Each Llama relative at a real model's layer shapes (random weights saved by transformers, bf16, fewer
+    layers), minibt against transformers' generate on the same weights, batch 1, interleaved in one run."""
+    import tempfile
+    import transformers
+    import minibt
+    rows = []
+    for family, shape, arch, kw in FAMILIES:
+        torch.manual_seed(0)
+        config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**kw)
+        folder = Path(tempfile.mkdtemp(prefix=f"minibt-{family}-"))
+        torch.set_default_dtype(torch.bfloat16)                        # built in bf16: half the memory of fp32
+        try:
+            getattr(transformers, arch)(config).eval().save_pretrained(folder)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        ours = minibt.from_hub(folder, dtype=torch.bfloat16)
+        ref = getattr(transformers, arch).from_pretrained(folder, dtype=torch.bfloat16).eval()
+        ids, mask = prompts(1, args.prompt)
+        ids = ids.clamp(max=config.vocab_size - 1)
+        (mp, md), (tp, td) = prefill_and_decode(ours, ref, ids, mask, args.new, args.reps)
+        mp, tp = mp * args.prompt, tp * args.prompt
+        params = sum(p.numel() for p in ours.parameters()) / 1e6
+        rows.append([family, shape, f"{config.num_hidden_layers if hasattr(config, 'num_hidden_layers') else kw['n_layer']}",
+                     f"{params:.0f}M", ", ".join(sorted(ours.variants)) or "-", f"{mp:.0f}", f"{tp:.0f}",
+                     f"{mp / tp:.2f}x", f"{md:.1f}", f"{td:.1f}", f"{md / td:.2f}x"])
+        print(rows[-1], flush=True)
+        del ours, ref
+    body = (f"Random weights at each real model's layer shapes (fewer layers; windows shortened to 32 so that the "
+            f"{args.prompt}-token prompt and the decode steps run past them), bf16, batch 1, greedy, {args.new} new "
+            f"tokens, median of {args.reps}, minibt (`auto`) and transformers' generate interleaved in one run.\n\n"
+            + table(["family", "shapes of", "layers", "params", "variants", "prefill tok/s minibt", "transformers",
+                     "ratio", "decode tok/s minibt", "transformers", "ratio"], rows))
+    write_section("generate_families", body)
 
 
 # ---------------------------------------------------------------------------------------------- quantized decoding

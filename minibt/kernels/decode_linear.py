@@ -1,9 +1,12 @@
 """CPU decode linears: faster paths for the few-token products of decoding (OPT, Llama), as a module swap.
 
 Two measured tricks (SmolLM2-135M, torch 2.13, 2 CPU threads; docs/benchmarks.md "generate"):
-- bf16, 1 token: torch.mv; 2-16 tokens: W @ x^T with the output copied back to row-major. All linear layers of one
-  step took 16 ms that way vs 23-26 ms through F.linear (its small-M bf16 path is slow). Row-major output matters:
-  a column-major q sent SDPA to its math path (a bf16 batch-4 step took 32 ms instead of 25 ms).
+- bf16, 1 token: torch.mv on a CPU with AMX; 2-16 tokens, and 1 token elsewhere: W @ x^T with the output copied
+  back to row-major. On the AMX machine all linear layers of one step took 16 ms that way vs 23-26 ms through
+  F.linear (its small-M bf16 path is slow). On an AMD Zen 4 (AVX-512 bf16, no AMX) torch.mv is the slow one: a
+  (151936, 1024) LM head took 38.3 ms with mv, 25.5 with F.linear and 20.5 with W @ x^T; a (6144, 1024) projection
+  1.43 / 0.57 / 0.48 ms. Row-major output matters: a column-major q sent SDPA to its math path (a bf16 batch-4 step
+  took 32 ms instead of 25 ms).
 - fp32: weights stored transposed in memory (same shape, other strides). A decode step multiplies one token by
   every weight, and MKL's fp32 GEMV streams an (in, out) row-major matrix faster than an (out, in) one: the linear
   layers of one step took 18.8 ms instead of 24.3 ms in isolation, a whole decode step 28.3 instead of 31.5 ms.
@@ -14,6 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+MV_FOR_ONE_TOKEN = torch.cpu._is_amx_tile_supported()      # where torch.mv was measured the faster (see above)
 
 
 class DecodeLinear(nn.Linear):
@@ -30,7 +36,7 @@ class DecodeLinear(nn.Linear):
         w, k = self.weight, self.in_features
         if w.dtype != torch.bfloat16 or not 0 < x.numel() <= 16 * k:
             return F.linear(x, w, self.bias)
-        if x.numel() == k:
+        if x.numel() == k and MV_FOR_ONE_TOKEN:
             y = torch.mv(w, x.reshape(k))
         else:
             y = torch.mm(w, x.reshape(-1, k).t()).t().contiguous()
