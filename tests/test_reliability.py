@@ -162,6 +162,9 @@ def test_sentence_transformers_files_are_checked(minilm, tmp_path):
     with pytest.raises(ConfigError, match=r"modules\.json: must hold a JSON list"):
         minibt.embed(model, tok, ["x"])
     (folder / "modules.json").write_text("[]")
+    with pytest.raises(ConfigError, match=r"modules\.json: the first module must be a Transformer"):
+        minibt.embed(model, tok, ["x"])
+    (folder / "modules.json").write_text('[{"path": "", "type": "sentence_transformers.models.Transformer"}]')
     (folder / "sentence_bert_config.json").write_text('{"max_seq_length": "long"}')
     with pytest.raises(ConfigError, match="'max_seq_length' = 'long' must be an integer"):
         minibt.embed(model, tok, ["x"])
@@ -218,12 +221,13 @@ def test_embed_takes_one_string_as_one_text_and_pools_empty_text_finitely(minilm
         minibt.embed(model, tok, ["ok", 3])
     with pytest.raises(InputError, match="batch_size=0"):
         minibt.embed(model, tok, ["ok"], batch_size=0)
-    from minibt.embedding import pool
+    from minibt.embedding import POOLING_MODES, Pooling
     hidden = torch.randn(2, 3, 4)
     mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
-    for how in ("mean", "max", "cls"):
-        assert torch.isfinite(pool(hidden, mask, how)).all()
-    assert torch.equal(pool(hidden, mask, "max")[1], torch.zeros(4))
+    for how in POOLING_MODES:
+        assert torch.isfinite(Pooling((how,))(hidden, mask, torch.zeros(2))).all(), how
+    for how in ("max", "mean", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"):
+        assert torch.equal(Pooling((how,))(hidden, mask, torch.zeros(2))[1], torch.zeros(4)), how
 
 
 # ------------------------------------------------------------------------------------------------ generation

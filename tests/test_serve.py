@@ -25,7 +25,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 import minibt  # noqa: E402
-from minibt.embedding import pool  # noqa: E402
+from minibt.embedding import Pooling  # noqa: E402
 from minibt.tools import serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ def test_tei_routes(minilm_server, mini):
     batch = tok(["first text"])
     with torch.inference_mode():
         hidden = model(**batch).last_hidden_state
-    torch.testing.assert_close(torch.tensor(one), pool(hidden, batch["attention_mask"], "mean"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(one), Pooling()(hidden, batch["attention_mask"], torch.zeros(len(hidden))), atol=1e-5, rtol=0)
     # longer than the model (256 tokens) and than the batch budget (200): truncated on request, runs alone
     long = "word " * 400
     r = c.post("/embed", json={"inputs": [long, "short"], "truncate": True})

@@ -161,6 +161,13 @@ def embed_args(p):
                    help="lines per committed chunk (memory bound, resume granularity; default %(default)s)")
     p.add_argument("--batch-tokens", type=positive, default=4096,
                    help="token budget of one forward pass (default %(default)s)")
+    p.add_argument("--prompt-name", help="a prompt the checkpoint names (config_sentence_transformers.json), put "
+                                         "before each text; default: its default_prompt_name, if any")
+    p.add_argument("--prompt", help="a text put before each text (wins over --prompt-name)")
+    p.add_argument("--truncate-dim", type=positive, help="keep the first N values of each vector (Matryoshka)")
+    p.add_argument("--precision", default="float32", choices=("float32", "int8", "uint8", "binary", "ubinary"),
+                   help="quantize the vectors as sentence-transformers does (with --vectors or --file; --file: "
+                        "float32, binary, ubinary)")
     from .ray_command import add_arguments as ray_arguments         # --ray, --dir, ... (ray imported only to run)
     ray_arguments(p)
 
@@ -170,6 +177,9 @@ def embed_run(args):
         if args.quantize:
             raise MinibtError("--quantize is not available with --ray yet: the actors load the full-precision "
                               "model; embed with --file on one machine, or drop --quantize")
+        if args.prompt_name or args.prompt or args.truncate_dim or args.precision != "float32":
+            raise MinibtError("--prompt-name, --prompt, --truncate-dim and --precision are not available with --ray "
+                              "yet; embed with --file on one machine")
         from .ray_command import run
         return run(args)
     import torch
@@ -183,18 +193,26 @@ def embed_run(args):
         raise MinibtError("--out and --resume go with --file")
     elif not args.texts:
         raise MinibtError("give texts to embed, or --file corpus.txt --out vectors.npy")
+    elif args.precision != "float32" and not args.vectors:
+        raise MinibtError("--precision goes with --vectors or --file (similarities are computed in float32)")
     model, name = load(args, head="base")
     tok = minibt.load_tokenizer(name)
     if args.file:
         from .embed_file import embed_file
         rows = embed_file(model, tok, args.file, Path(args.out), resume=args.resume, chunk=args.chunk,
-                          batch_tokens=args.batch_tokens)
+                          batch_tokens=args.batch_tokens, prompt_name=args.prompt_name, prompt=args.prompt,
+                          truncate_dim=args.truncate_dim, precision=args.precision)
         print(f"{rows} vectors -> {args.out}")
         return
-    vecs = minibt.embed(model, tok, args.texts, batch_tokens=args.batch_tokens)
+    vecs = minibt.embed(model, tok, args.texts, batch_tokens=args.batch_tokens, prompt_name=args.prompt_name,
+                        prompt=args.prompt, truncate_dim=args.truncate_dim)
     if args.vectors or len(args.texts) == 1:
-        for text, v in zip(args.texts, vecs):
-            print(f"{text[:40]!r}: [{', '.join(f'{x:.4f}' for x in v[:8].tolist())}, ...] ({v.numel()} dims)")
+        from ..embedding import quantize
+        values = quantize(vecs, args.precision)
+        show = (lambda x: f"{x:.4f}") if args.precision == "float32" else str
+        for text, v in zip(args.texts, values):
+            print(f"{text[:40]!r}: [{', '.join(show(x) for x in v[:8].tolist())}, ...] ({len(v)} values, "
+                  f"{args.precision})")
         return
     unit = torch.nn.functional.normalize(vecs, dim=-1)
     sims = unit @ unit.T

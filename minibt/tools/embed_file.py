@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..embedding import Recipe, embed
+from ..embedding import PRECISIONS, Pipeline, check_dim, embed, quantize
 from ..errors import InputError, MinibtError
 from .lines import Lines, count_lines
 from .progress import Progress
@@ -32,8 +32,8 @@ _NPY_HEADER = 128      # bytes reserved for the .npy header, rewritten with the 
 _PIECE = 256           # lines per embed() call inside a chunk: the progress bar moves at least this often
 
 
-def _npy_header(rows: int, dim: int) -> bytes:
-    d = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }" % (rows, dim)
+def _npy_header(rows: int, dim: int, descr: str = "<f4") -> bytes:
+    d = "{'descr': '%s', 'fortran_order': False, 'shape': (%d, %d), }" % (descr, rows, dim)
     body = d.ljust(_NPY_HEADER - 10 - 1) + "\n"
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
 
@@ -44,7 +44,7 @@ def model_fingerprint(model) -> str:
     gigabytes (about 10 ms for bert-base)."""
     import torch
     h = hashlib.sha256(repr(model.config).encode())
-    h.update(repr(Recipe.read(getattr(model, "source", None))).encode())
+    h.update(repr(Pipeline.read(getattr(model, "source", None), model.config.hidden_size)).encode())
     for name, t in model.state_dict().items():
         t = t.detach().reshape(-1)[: 2**16 // t.element_size()].contiguous().cpu()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
@@ -55,8 +55,9 @@ def model_fingerprint(model) -> str:
 class Writer:
     """Appends rows to out (.npy or .jsonl) and commits progress to out + '.progress' after each chunk."""
 
-    def __init__(self, out: Path, dim: int, source: str, resume: bool, model: str = ""):
+    def __init__(self, out: Path, dim: int, source: str, resume: bool, model: str = "", descr: str = "<f4"):
         self.out, self.dim, self.kind, self.source, self.model = out, dim, out.suffix, source, model
+        self.descr = descr                     # the .npy dtype: "<f4", or "|i1" / "|u1" for binary / ubinary
         if self.kind not in (".npy", ".jsonl"):
             raise InputError(f"{out}: output must end in .npy or .jsonl")
         self.progress_path = out.with_name(out.name + ".progress")
@@ -74,7 +75,7 @@ class Writer:
             except OSError as e:
                 raise InputError(f"cannot write {out}: {e.strerror or e}") from None
             self.sha = hashlib.sha256()
-            self._write(_npy_header(0, dim) if self.kind == ".npy" else b"", hashed=False)
+            self._write(_npy_header(0, dim, descr) if self.kind == ".npy" else b"", hashed=False)
             self.commit(0, hashlib.sha256().hexdigest())       # nothing consumed yet
 
     def _reopen(self):
@@ -90,7 +91,8 @@ class Writer:
         if dim != self.dim or state.get("model") != self.model:
             raise InputError(f"{self.progress_path}: was started with another model (weights fingerprint "
                              f"{state.get('model')}, dim {dim}; this one is {self.model}, dim {self.dim}); "
-                             f"resume with the same --model and --dtype, or {fix}")
+                             f"resume with the same --model, --dtype, --prompt, --truncate-dim and --precision, "
+                             f"or {fix}")
         if not self.out.is_file() or self.out.stat().st_size < size:
             have = self.out.stat().st_size if self.out.is_file() else 0
             raise InputError(f"{self.out}: {have} bytes, shorter than the {size} bytes its progress record says are "
@@ -124,9 +126,10 @@ class Writer:
 
     def append(self, first_row: int, vecs: np.ndarray) -> None:
         if self.kind == ".npy":
-            data = np.ascontiguousarray(vecs, dtype="<f4").tobytes()
+            data = np.ascontiguousarray(vecs, dtype=self.descr).tobytes()
         else:
-            data = "".join(json.dumps({"row": first_row + i, "vector": [round(float(x), 7) for x in v]}) + "\n"
+            value = (lambda x: round(float(x), 7)) if self.descr == "<f4" else int
+            data = "".join(json.dumps({"row": first_row + i, "vector": [value(x) for x in v]}) + "\n"
                            for i, v in enumerate(vecs)).encode()
         self._write(data)
 
@@ -148,7 +151,7 @@ class Writer:
         try:
             if self.kind == ".npy":
                 self.file.seek(0)
-                self.file.write(_npy_header(self.rows, self.dim))
+                self.file.write(_npy_header(self.rows, self.dim, self.descr))
             self.file.flush()
             os.fsync(self.file.fileno())
         except OSError as e:
@@ -158,10 +161,26 @@ class Writer:
 
 
 def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, batch_tokens=4096,
-               progress=True) -> int:
-    """Embed every line of `source` (a path, or '-' for stdin) into `out`; returns the number of rows."""
+               progress=True, prompt_name=None, prompt=None, truncate_dim=None, precision="float32") -> int:
+    """Embed every line of `source` (a path, or '-' for stdin) into `out`; returns the number of rows.
+    prompt_name / prompt / truncate_dim: as minibt.embed; precision: float32, binary or ubinary (one bit per value,
+    each row on its own). int8 / uint8 are refused: their buckets come from the min and max of every vector, which
+    a file written chunk by chunk does not have until the end (quantize the float32 output afterwards)."""
     if chunk < 1:
         raise InputError(f"chunk={chunk}: must be at least 1 line")
+    pipeline = Pipeline.read(getattr(model, "source", None), model.config.hidden_size)
+    before = pipeline.prompt(prompt_name, prompt)
+    check_dim(truncate_dim, pipeline.width)
+    if precision not in ("float32", "binary", "ubinary"):
+        raise InputError(f"precision={precision!r} with --file: float32, binary or ubinary (int8 and uint8 calibrate "
+                         "each dimension over all the vectors: quantize the float32 output with "
+                         "minibt.embedding.quantize)" if precision in PRECISIONS else
+                         f"precision={precision!r}: one of {', '.join(PRECISIONS)}")
+    width = truncate_dim or pipeline.width
+    width, descr = (width, "<f4") if precision == "float32" else ((width + 7) // 8, "|i1" if precision == "binary"
+                                                                 else "|u1")
+    settings = f"{model_fingerprint(model)}|{before}|{truncate_dim}|{precision}"
+    fingerprint = hashlib.sha256(settings.encode()).hexdigest()[:32]
     if source == "-":
         stream, name, total = sys.stdin.buffer, "<stdin>", None
     else:
@@ -171,7 +190,7 @@ def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, 
         except OSError as e:
             raise InputError(f"cannot read {source}: {e.strerror or e}") from None
     try:
-        writer = Writer(Path(out), model.config.hidden_size, name, resume, model_fingerprint(model))
+        writer = Writer(Path(out), width, name, resume, fingerprint, descr)
         lines = Lines(stream)
         done = writer.rows
         if writer.state is not None:                      # already on disk: check the input, skip, never recompute
@@ -182,11 +201,12 @@ def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, 
         bar = Progress(total, "lines", start=done, enabled=progress)
         while texts := lines.take(chunk):
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))     # similar lengths share a piece
-            vecs = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
+            vecs = np.empty((len(texts), width), dtype=descr)
             for i in range(0, len(order), _PIECE):
                 idx = order[i:i + _PIECE]
-                vecs[idx] = embed(model, tok, [texts[j] for j in idx], batch_tokens=batch_tokens,
-                                 keep_memory=True).numpy()
+                piece = embed(model, tok, [texts[j] for j in idx], batch_tokens=batch_tokens, keep_memory=True,
+                              prompt=before, truncate_dim=truncate_dim, pipeline=pipeline)
+                vecs[idx] = quantize(piece, precision)
                 bar.update(len(idx))
             writer.append(done, vecs)
             done += len(texts)

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 
 from ..config import Fields, read_json
-from ..embedding import Recipe
+from ..embedding import Pipeline, prompt_length, text_limit
 from ..errors import ConfigError, MinibtError
 from ..hub import inside
 from .serve_dialects import ApiError, Infinity, OpenAI, Served, Tei, truncation
@@ -67,12 +67,13 @@ def describe(model, model_id: str | None, max_inputs: int) -> Served:
     folder = getattr(model, "source", None)
     model_id = model_id or (folder.name if folder else "minibt")
     if model.head == "base":
-        return Served("embed", Recipe.read(folder), model.config.hidden_size, [], model_id, max_inputs)
+        pipeline = Pipeline.read(folder, model.config.hidden_size)
+        return Served("embed", pipeline, pipeline.width, [], model_id, max_inputs)
     path = inside(folder, "config.json") if folder else None
     id2label = Fields((read_json(path) if path else None) or {}, str(path)).dict("id2label")
     width = model.config.num_labels
     labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(width)]
-    return Served("classify", Recipe(), width, labels, model_id, max_inputs)
+    return Served("classify", None, width, labels, model_id, max_inputs)
 
 
 class Service:
@@ -82,17 +83,17 @@ class Service:
                  auto_truncate, model_id, payload_limit, body_timeout=BODY_TIMEOUT, keep_memory=False):
         self.served = served = describe(model, model_id, max_client_batch_size)
         self.tei, self.openai, self.infinity = Tei(served), OpenAI(served), Infinity(served)
-        limits = [model.max_length(), served.recipe.max_seq_length if served.kind == "embed" else tok.model_max_length]
-        self.limit = min(x for x in limits if x)                        # tokens per input
+        self.limit = text_limit(model, tok, served.pipeline or Pipeline())          # tokens per input
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.quantization = (getattr(model, "quantization", None) or {}).get("scheme")     # "int8" | "int4" | None
         self.attn = getattr(model, "attn", None)
         self.tok = tok
+        self.lowercase = served.pipeline is not None and served.pipeline.lowercase
         self.max_batch_tokens, self.max_client_batch_size = max_batch_tokens, max_client_batch_size
         self.max_concurrent_requests, self.api_key = max_concurrent_requests, api_key
         self.auto_truncate, self.payload_limit, self.body_timeout = auto_truncate, payload_limit, body_timeout
-        pooling = served.recipe.pooling if served.kind == "embed" else None
-        self.worker = Worker(model, tok, pooling, served.width, max_batch_tokens, keep_memory)
+        pipeline = served.pipeline and served.pipeline.unnormalized()       # the dialects normalise (TEI: on request)
+        self.worker = Worker(model, tok, pipeline, served.width, max_batch_tokens, keep_memory)
         self.in_flight = 0
         self.answers = Counter()          # (route, status) -> count
         self.counts = Counter()           # inputs, tokens, queue_us, request_us
@@ -134,8 +135,10 @@ class Service:
             body = await self._json(request)
             self._need(kind, route)
             ask = parse(body)
-            encs = await self._encode(body, ask.texts, ask.field, timing)
-            return ask.answer(await self._run(encs, request, timing), encs)
+            encs = await self._encode(body, [ask.prompt + t for t in ask.texts] if ask.prompt else ask.texts,
+                                      ask.field, timing)
+            skip = prompt_length(self.tok, ask.prompt.lower() if self.lowercase else ask.prompt)
+            return ask.answer(await self._run(encs, request, timing, skip), encs)
         return answer
 
     async def tokenize(self, request, timing):
@@ -154,7 +157,7 @@ class Service:
         """TEI's /info: the model and every limit this server enforces."""
         s = self.served
         if s.kind == "embed":
-            model_type = {"embedding": {"pooling": s.recipe.pooling, "normalize": s.recipe.normalize,
+            model_type = {"embedding": {"pooling": s.pipeline.pooling, "normalize": s.pipeline.normalize,
                                         "dimensions": s.width}}
         else:
             labels = {"id2label": {str(i): v for i, v in enumerate(s.labels)},
@@ -285,7 +288,7 @@ class Service:
         self._admit()
         t0 = time.perf_counter()
         truncate, direction = truncation(body, self.auto_truncate)
-        if self.served.recipe.lowercase:
+        if self.lowercase:
             texts = [t.lower() if isinstance(t, str) else tuple(x.lower() for x in t) for t in texts]
         encs = await self._tokens(texts, name)
         long = [i for i, e in enumerate(encs) if len(e.ids) > self.limit]
@@ -315,14 +318,15 @@ class Service:
             detail = str(e).removeprefix(f"{self.tok.folder}: ")
             raise ApiError(422, f"`{name}`: {detail}", "Tokenizer") from None
 
-    async def _run(self, encs, request, timing):
-        """One request's rows from the engine, in order: (N, H) pooled vectors or (N, labels) logits."""
+    async def _run(self, encs, request, timing, skip: int = 0):
+        """One request's rows from the engine, in order: (N, width) sentence vectors or (N, labels) logits. skip:
+        the prompt's tokens at the start of each (pooling with include_prompt=false leaves them out)."""
         self._admit()
         if not self.worker.thread.is_alive():
             raise ApiError(503, "the model worker is not running", "Unhealthy")
         self.in_flight += 1
         try:
-            job = await self.worker.submit(encs, self._disconnect(request))
+            job = await self.worker.submit(encs, self._disconnect(request), skip)
         except ClientGone:
             raise ApiError(499, "the client disconnected before its answer was ready", "Disconnected") from None
         except ForwardFailed as e:

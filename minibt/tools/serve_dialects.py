@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch.nn.functional as F
 
-from ..embedding import Recipe
+from ..embedding import Pipeline
+from ..errors import InputError
 
 
 class ApiError(Exception):
@@ -34,7 +35,7 @@ class ApiError(Exception):
 class Served:
     """What the dialects know of the served model, and the one limit they check themselves."""
     kind: str                  # "embed" (head="base") or "classify" (head="sequence-classification")
-    recipe: Recipe             # pooling, normalize, lowercase: the sentence-transformers files, or the defaults
+    pipeline: Pipeline | None  # the sentence-transformers pipeline (pooling, Dense, Normalize, prompts); None: classify
     width: int                 # vector width, or the classifier's number of labels
     labels: list               # the classifier's label names, by index; [] for "embed"
     model_id: str
@@ -47,6 +48,7 @@ class Ask:
     texts: list                # strings, or (query, text) pairs for a cross-encoder
     field: str                 # the body field they came from, named in errors
     answer: Callable           # (rows: (N, width) tensor, encodings) -> the response body
+    prompt: str = ""           # put before every text (a sentence-embedding model's prompt)
 
 
 # ------------------------------------------------------------------------------ checks every dialect shares
@@ -98,6 +100,17 @@ def dimensions(body, width: int) -> int | None:
         raise ApiError(422, f"`dimensions` must be an integer from 1 to {width} (this model's width), "
                             f"not {json.dumps(dims)}")
     return dims
+
+
+def prompt_of(served: Served, body) -> str:
+    """TEI's `prompt_name` (a name in the checkpoint's prompts); absent: the checkpoint's default prompt, if any."""
+    name = body.get("prompt_name")
+    if name is not None and not isinstance(name, str):
+        raise ApiError(422, "`prompt_name` must be a string")
+    try:
+        return served.pipeline.prompt(name)
+    except InputError as e:
+        raise ApiError(422, f"`prompt_name`: {e}") from None
 
 
 def vectors(vecs, normalize: bool, dims: int | None):
@@ -162,13 +175,11 @@ class Tei:
         self.served = served
 
     def embed(self, body) -> Ask:
-        """{inputs, normalize, truncate, truncation_direction, dimensions} -> [[f32]]"""
-        if body.get("prompt_name") is not None:
-            raise ApiError(422, "`prompt_name` is not supported by minibt serve: put the prompt in the text")
+        """{inputs, normalize, truncate, truncation_direction, dimensions, prompt_name} -> [[f32]]"""
         texts = texts_of(body, "inputs", self.served.max_inputs)
-        normalize = flag(body, "normalize", self.served.recipe.normalize)
+        normalize = flag(body, "normalize", self.served.pipeline.normalize)
         dims = dimensions(body, self.served.width)
-        return Ask(texts, "inputs", lambda vecs, encs: vectors(vecs, normalize, dims))
+        return Ask(texts, "inputs", lambda vecs, encs: vectors(vecs, normalize, dims), prompt_of(self.served, body))
 
     def rerank(self, body) -> Ask:
         """{query, texts, raw_scores, return_text} -> [{index, score, text?}], best first."""
@@ -234,12 +245,12 @@ class OpenAI:
         dims = dimensions(body, self.served.width)
 
         def answer(vecs, encs):
-            vecs = vectors(vecs, self.served.recipe.normalize, dims)
+            vecs = vectors(vecs, self.served.pipeline.normalize, dims)
             data = list(vecs) if fmt == "float" else \
                 [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vecs]
             return {"object": "list", "model": self.served.model_id, "usage": usage(encs),
                     "data": [{"object": "embedding", "embedding": d, "index": i} for i, d in enumerate(data)]}
-        return Ask(texts, "input", answer)
+        return Ask(texts, "input", answer, prompt_of(self.served, {}))
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.served.model_id, "object": "model", "created": 0,

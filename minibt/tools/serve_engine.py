@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..embedding import pool, token_batches
+from ..embedding import token_batches
 from ..kernels.malloc import keep_freed_memory
 
 
@@ -38,6 +38,7 @@ class Job:
     encs: list
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    skip: int = 0                    # prompt tokens at the start of each text
     queued: float = field(default_factory=time.perf_counter)
     started: float | None = None     # first forward that holds one of its rows
     out: torch.Tensor | None = None
@@ -59,14 +60,14 @@ class Job:
 class Worker:
     """The only thread that runs the model: takes every queued job, batches their rows by token budget.
 
-    pooling: how a sentence-embedding model's tokens become one vector ("mean", "cls", "max"); None for a
-    cross-encoder, whose logits are the rows. width: the length of one row (hidden size or number of labels).
+    pipeline: how a sentence-embedding model's tokens become one vector (embedding.Pipeline: pooling, Dense,
+    LayerNorm, Normalize); None for a cross-encoder, whose logits are the rows. width: the length of one row.
     keep_memory: glibc keeps freed activation memory for the next forward (kernels/malloc.py, process-wide, so
     only when the caller asks: the `minibt serve` command does, its process is the server's own).
     """
 
-    def __init__(self, model, tok, pooling: str | None, width: int, max_batch_tokens: int, keep_memory: bool = False):
-        self.model, self.tok, self.pooling = model, tok, pooling
+    def __init__(self, model, tok, pipeline, width: int, max_batch_tokens: int, keep_memory: bool = False):
+        self.model, self.tok, self.pipeline = model, tok, pipeline
         self.width, self.max_batch_tokens, self.keep_memory = width, max_batch_tokens, keep_memory
         self.device = next(model.parameters()).device
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -81,12 +82,12 @@ class Worker:
         self.queue.put(None)
         self.thread.join()
 
-    async def submit(self, encs, gone) -> Job:
+    async def submit(self, encs, gone, skip: int = 0) -> Job:
         """Queue one request's encodings and wait for its rows (job.out: (N, width), in order). `gone` is an
         awaitable that finishes when the client has left: then the job is abandoned and ClientGone raised at once,
         without waiting for rows nobody will read. A failed forward raises ForwardFailed."""
         loop = asyncio.get_running_loop()
-        job = Job(encs, loop, loop.create_future())
+        job = Job(encs, loop, loop.create_future(), skip)
         watch = asyncio.ensure_future(gone)
         try:
             self.queue.put(job)
@@ -132,7 +133,7 @@ class Worker:
             for job in owners:
                 job.started = job.started or start
             try:
-                rows = self._forward([items[k][0].encs[items[k][1]] for k in live])
+                rows = self._forward([items[k][0].encs[items[k][1]] for k in live], [items[k][0].skip for k in live])
             except Exception as e:       # noqa: BLE001 - any failure fails this batch's requests; the worker goes on
                 self._fail(owners, ForwardFailed(f"{type(e).__name__}: {e}"))
                 continue
@@ -154,10 +155,11 @@ class Worker:
                 job.settle(error)
         self.stats["failed_batches"] += 1
 
-    def _forward(self, encs) -> torch.Tensor:
-        """One batch of encodings -> (rows, width) on the CPU: pooled vectors or a cross-encoder's logits."""
+    def _forward(self, encs, skips) -> torch.Tensor:
+        """One batch of encodings -> (rows, width) on the CPU: sentence vectors or a cross-encoder's logits."""
         batch = {k: v.to(self.device) for k, v in self.tok.pad(encs).items()}
         out = self.model(**batch)
-        if self.pooling is None:
+        if self.pipeline is None:
             return out.logits.float().cpu()
-        return pool(out.last_hidden_state.float(), batch["attention_mask"], self.pooling).cpu()
+        skips = torch.tensor(skips, device=self.device)
+        return self.pipeline(out.last_hidden_state.float(), batch["attention_mask"], skips).cpu()
