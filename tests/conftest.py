@@ -30,6 +30,8 @@ ENCODERS = {
                               "MPNetForSequenceClassification": "sequence-classification"}),
     "modernbert": ("ModernBertConfig", {"ModernBertModel": "base", "ModernBertForMaskedLM": "masked-lm",
                                         "ModernBertForSequenceClassification": "sequence-classification"}),
+    "nomic_bert": ("NomicBertConfig", {"NomicBertModel": "base", "NomicBertForMaskedLM": "masked-lm",
+                                       "NomicBertForSequenceClassification": "sequence-classification"}),
 }
 
 
@@ -121,6 +123,12 @@ def encoder_config(family: str, **overrides):
         kw = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, vocab_size=99,
                   max_position_embeddings=64, local_attention=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   cls_token_id=1, sep_token_id=2)
+    elif family == "nomic_bert":      # nomic-embed-text-v1.5's settings written out (SwiGLU, theta 1000, eps 1e-12);
+        # weights 10x the default scale: attention then moves the output, so a wrong RoPE (theta 10,000: 0.18) fails
+        kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99,
+                  max_position_embeddings=64, hidden_act="silu", layer_norm_eps=1e-12, type_vocab_size=2,
+                  pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+                  initializer_range=0.2)
     else:
         kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99,
                   max_position_embeddings=64 + (2 if family in ("roberta", "xlm-roberta", "mpnet") else 0))

@@ -188,3 +188,31 @@ def test_config_errors(tiny, tmp_path):
         minibt.from_hub(folder)
     with pytest.raises(CheckpointError, match="no such folder"):
         minibt.from_hub(str(tmp_path / "nothing-here"))
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"num_experts": 8, "moe_every_n_layers": 2}, "'num_experts' = 8 is not supported"),   # nomic-embed-text-v2-moe
+    ({"rotary_emb_fraction": 0.5}, "'rotary_emb_fraction' = 0.5 is not supported"),       # partial rotary
+    ({"rotary_emb_interleaved": True}, "'rotary_emb_interleaved' = True is not supported"),
+    ({"rotary_scaling_factor": 2}, "'rotary_scaling_factor' = 2 is not supported"),      # nomic's dynamic NTK
+    ({"prenorm": True}, "'prenorm' = True is not supported"),
+    ({"qkv_proj_bias": True}, "'qkv_proj_bias' = True is not supported"),
+    ({"mlp_fc1_bias": True}, "'mlp_fc1_bias' = True is not supported"),
+    ({"use_rms_norm": True}, "'use_rms_norm' = True is not supported"),
+    ({"scale_attn_weights": False}, "'scale_attn_weights' = False is not supported"),
+    ({"activation_function": "swiglu", "hidden_act": "gelu"}, "'activation_function' = 'swiglu' disagrees with"),
+    ({"hidden_act": None, "activation_function": "gelu"}, "'activation_function' = 'gelu' is not supported"),
+    ({"hidden_act": "quick_gelu"}, "'hidden_act' = 'quick_gelu'"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_parameters: field 'rope_type' = 'linear'"),
+    ({"n_embd": 64}, "'n_embd' = 64 disagrees with hidden_size = 32"),
+    ({"rotary_emb_base": 10000}, "'rotary_emb_base' = 10000 disagrees with the rope theta 1000.0"),
+    ({"num_attention_heads": None, "n_head": "four"}, "'n_head' = 'four' must be an integer"),
+    ({"hidden_size": None}, "required field 'hidden_size' is missing"),
+    ({"head_dim": 7, "num_attention_heads": 4}, "'head_dim' = 7 must be even"),
+])
+def test_nomic_config_refusals(tiny, tmp_path, changes, match):
+    """What transformers' NomicBERT does not compute, or a bad value, is a ConfigError naming the field."""
+    folder = copy(tiny("NomicBertModel")[0], tmp_path)
+    edit_config(folder, **changes)
+    with pytest.raises(ConfigError, match=match):
+        minibt.from_hub(folder)

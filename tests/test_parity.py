@@ -1,4 +1,6 @@
 """Every encoder family x head x backend against transformers on tiny random checkpoints (fp32 <= 1e-4)."""
+import json
+
 import pytest
 import torch
 
@@ -6,7 +8,8 @@ import minibt
 from minibt import attention
 from minibt.errors import BackendError
 from minibt.kernels.fused_encoder import FusedEncoder
-from conftest import ENCODERS, ragged_batch
+from minibt.models.bert import LayerStack
+from conftest import ENCODERS, encoder_config, ragged_batch
 
 ARCHS = [arch for _, archs in ENCODERS.values() for arch in archs]
 BACKENDS = ["naive", "sdpa", "varlen", "flash", "tiled", "fused"]
@@ -14,9 +17,14 @@ BACKENDS = ["naive", "sdpa", "varlen", "flash", "tiled", "fused"]
 
 def refused(folder, attn):
     """A backend that cannot compute the family's attention variants (MPNet's relative bias: flash, fused) is
-    refused by name, at load (fused, a model-level transform) or when the forward begins; True when it was."""
+    refused by name, at load (fused, a model-level transform) or when the forward begins; so is fused for a family
+    whose layers are not BERT's (NomicBERT's RoPE and SwiGLU). True when it was."""
     base = minibt.from_hub(folder)
     missing = set(base.variants) - attention.get(attn).variants
+    if not missing and attn == "fused" and not isinstance(base.layers, LayerStack):
+        with pytest.raises(BackendError, match=f"attn='fused' runs BERT's post-LN layer .* {base.family}'s layers"):
+            minibt.from_hub(folder, attn=attn)
+        return True
     if not missing:
         return False
     ids = torch.ones(1, 3, dtype=torch.long)
@@ -183,3 +191,66 @@ def test_auto_picks_only_valid_paths(tiny):
     real = mask.bool()
     torch.testing.assert_close(out.logits[real], want.logits[real], atol=1e-4, rtol=0)
     assert not isinstance(model.layers, FusedEncoder)
+
+
+# ---------------------------------------------------------------------------------------------- NomicBERT
+
+# nomic-embed-text-v1.5's config.json as the hub ships it (nomic's own names, none of transformers'), sizes shrunk;
+# eps and theta other than the real 1e-12 and 1000, so that reading them (not a default) is what passes
+NOMIC_HUB_CONFIG = {
+    "model_type": "nomic_bert", "architectures": ["NomicBertModel"], "activation_function": "swiglu",
+    "n_embd": 32, "n_head": 4, "n_layer": 2, "n_inner": 37, "n_positions": 8192, "max_trained_positions": 2048,
+    "vocab_size": 99, "type_vocab_size": 2, "pad_vocab_size_multiple": 1, "layer_norm_epsilon": 1e-5,
+    "rotary_emb_base": 10000, "rotary_emb_fraction": 1.0, "rotary_emb_interleaved": False,
+    "rotary_emb_scale_base": None, "rotary_scaling_factor": None, "prenorm": False, "parallel_block": False,
+    "qkv_proj_bias": False, "mlp_fc1_bias": False, "mlp_fc2_bias": False, "use_rms_norm": False, "causal": False,
+    "torch_dtype": "float32",
+}
+
+
+@pytest.mark.parametrize("layout", ["nomic-only", "both"])
+def test_nomic_hub_config_names(tmp_path, layout):
+    """The hub checkpoints' own config.json (n_embd, rotary_emb_base, layer_norm_epsilon, ...) is read, alone or
+    next to transformers' names (as v1.5's config.json now has them: n_positions 8192, max_position_embeddings
+    2048; the first is the length served)."""
+    import transformers
+    torch.manual_seed(7)
+    ref = transformers.NomicBertModel(encoder_config(
+        "nomic_bert", layer_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})).eval()
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    saved = json.loads((tmp_path / "config.json").read_text()) if layout == "both" else {}
+    (tmp_path / "config.json").write_text(json.dumps({**saved, **NOMIC_HUB_CONFIG}))
+    model = minibt.from_hub(tmp_path, attn="varlen")
+    assert model.max_length() == 8192 and model.config.rope_theta == 10000.0
+    ids, mask = ragged_batch(99, 0)
+    real = mask.bool()
+    torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state[real],
+                               reference(ref, ids, mask).last_hidden_state[real], atol=1e-4, rtol=0)
+
+
+def test_nomic_head_dim_and_token_types(tiny):
+    """head_dim apart from hidden_size / heads (q, k, v of 4 x 16 on a 32-wide model); token type 1 on a part."""
+    folder, ref = tiny("NomicBertModel", head_dim=16)
+    ids, mask = ragged_batch(99, 0)
+    types = torch.zeros_like(ids)
+    types[:, 3:] = 1
+    out = minibt.from_hub(folder, attn="sdpa")(ids, attention_mask=mask, token_type_ids=types)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[real], want[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa", "varlen"])
+def test_nomic_parity_bf16(tiny, attn):
+    """bf16, as test_encoder_parity_bf16: within 3e-2 of transformers in fp32, relative to the largest value."""
+    folder, ref = tiny("NomicBertForMaskedLM")
+    model = minibt.from_hub(folder, attn=attn, dtype=torch.bfloat16)
+    assert model.embeddings.word.weight.dtype == torch.bfloat16
+    ids, mask = ragged_batch(99, 0)
+    out, want = model(ids, attention_mask=mask), reference(ref, ids, mask)
+    real = mask.bool()
+    got, exp = out.last_hidden_state[real].float(), want.hidden_states[-1][real]
+    assert (got - exp).abs().max() < 3e-2 * exp.abs().max()
+    got, exp = out.logits[real].float(), want.logits[real]
+    assert (got - exp).abs().max() < 3e-2 * exp.abs().max()

@@ -9,15 +9,16 @@ from .llama import Llama
 from .mistral import Mistral
 from .modernbert import ModernBert
 from .mpnet import MPNet
+from .nomic_bert import NomicBert
 from .opt import OPT
 from .qwen import Qwen2, Qwen3
 from .roberta import Roberta
 from .xlm_roberta import Camembert, XLMRoberta
 
 MODEL_TYPES = {"bert": Bert, "roberta": Roberta, "xlm-roberta": XLMRoberta, "camembert": Camembert,
-               "distilbert": DistilBert, "mpnet": MPNet, "modernbert": ModernBert, "opt": OPT, "llama": Llama,
-               "mistral": Mistral, "qwen2": Qwen2, "qwen3": Qwen3, "gemma2": Gemma2,
+               "distilbert": DistilBert, "mpnet": MPNet, "modernbert": ModernBert, "nomic_bert": NomicBert,
+               "opt": OPT, "llama": Llama, "mistral": Mistral, "qwen2": Qwen2, "qwen3": Qwen3, "gemma2": Gemma2,
                "bloom": Bloom, "gpt_oss": GptOss}
 
-__all__ = ["MODEL_TYPES", "Bert", "Roberta", "XLMRoberta", "Camembert", "MPNet", "ModernBert", "DistilBert", "OPT",
-           "Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Bloom", "GptOss"]
+__all__ = ["MODEL_TYPES", "Bert", "Roberta", "XLMRoberta", "Camembert", "MPNet", "ModernBert", "NomicBert",
+           "DistilBert", "OPT", "Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Bloom", "GptOss"]
