@@ -33,7 +33,8 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class Served:
     """What the dialects know of the served model, and the one limit they check themselves."""
-    kind: str                  # "embed" (head="base") or "classify" (head="sequence-classification")
+    kind: str                  # "embed" (head="base"), "classify" (head="sequence-classification") or "rerank"
+                               # (an LLM reranker, minibt.Reranker: one score per pair, /rerank only)
     recipe: Recipe             # pooling, normalize, lowercase: the sentence-transformers files, or the defaults
     width: int                 # vector width, or the classifier's number of labels
     labels: list               # the classifier's label names, by index; [] for "embed"
