@@ -5,11 +5,12 @@ from . import errors
 from .errors import MinibtError
 from .hub import bundled_model
 
-__all__ = ["from_hub", "load_tokenizer", "embed", "Encoder", "audit", "bundled_model", "attention", "errors",
+__all__ = ["from_hub", "load_tokenizer", "embed", "Encoder", "Reranker", "audit", "bundled_model", "attention", "errors",
            "MinibtError", "__version__"]
 
 # Public names imported on first use (PEP 562), so `import minibt` (and `minibt --help`) does not import torch.
 _LAZY = {"attention": (".attention", None), "embed": (".embedding", "embed"), "Encoder": (".encoder", "Encoder"),
+         "Reranker": (".reranker", "Reranker"),
          "load_tokenizer": (".tokenizer", "load_tokenizer"), "audit": (".tools.audit", "audit")}
 
 

@@ -167,10 +167,7 @@ class Pipeline:
             pipe.steps.insert(0, Pooling())                # a network alone: mean pooling, as sentence-transformers
         if sum(isinstance(s, Pooling) for s in pipe.steps) > 1:
             raise ConfigError(f"{where}: more than one Pooling module")
-        st = Fields(read_json(inside(folder, "sentence_bert_config.json")) or {},
-                    str(folder / "sentence_bert_config.json"))
-        pipe.max_seq_length = st.int("max_seq_length", None, none_ok=True)
-        pipe.lowercase = st.bool("do_lower_case", False)
+        pipe.max_seq_length, pipe.lowercase = text_settings(folder)
         pipe.prompts, pipe.default_prompt_name = _prompts(folder)
         return pipe
 
@@ -198,6 +195,12 @@ class Pipeline:
         for step in self.steps[1:]:
             x = step(x)
         return x
+
+
+def text_settings(folder: Path) -> tuple:
+    """sentence_bert_config.json's (max_seq_length or None, do_lower_case)."""
+    st = Fields(read_json(inside(folder, "sentence_bert_config.json")) or {}, str(folder / "sentence_bert_config.json"))
+    return st.int("max_seq_length", None, none_ok=True), st.bool("do_lower_case", False)
 
 
 def _module_config(folder, path, what):

@@ -10,7 +10,8 @@ from .errors import CheckpointError
 ALLOW = ["config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
          "merges.txt", "generation_config.json", "modules.json", "sentence_bert_config.json",
-         "config_sentence_transformers.json", "1_Pooling/config.json"]
+         "config_sentence_transformers.json", "1_Pooling/config.json",
+         "1_LogitScore/config.json", "chat_template.jinja"]
 
 
 def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:

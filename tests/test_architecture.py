@@ -1,6 +1,6 @@
 """The shape of the code a reader follows: a forward stays in its family file and attention/, and minibt's parts
-import one way (errors, config, hub <- attention <- generate <- models <- kernels <- loading <- embed, encoder
-<- tools)."""
+import one way (errors, config, hub <- attention <- generate <- models <- kernels <- loading <- embed, encoder,
+reranker <- tools)."""
 from __future__ import annotations
 
 import ast
@@ -72,7 +72,7 @@ def test_an_encoder_forward_runs_its_family_files_and_attention(tiny, arch):
 # ---------------------------------------------------------------------------------------------- import layers
 
 LAYERS = [{"errors"}, {"config", "hub"}, {"attention"}, {"generate"}, {"models"}, {"kernels"},
-          {"loading", "tokenizer"}, {"embed"}, {"encoder"}, {"tools"}]
+          {"loading", "tokenizer"}, {"embed"}, {"encoder", "reranker"}, {"tools"}]
 RANK = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 

@@ -23,6 +23,7 @@ from ..config import Fields, read_json
 from ..embedding import Pipeline, prompt_length, text_limit
 from ..errors import ConfigError, MinibtError
 from ..hub import inside
+from ..reranker import Reranker, kind_of
 from .serve_dialects import ApiError, Infinity, OpenAI, Served, Tei, truncation
 from .serve_engine import ClientGone, ForwardFailed, Job, Worker
 
@@ -60,7 +61,12 @@ def render(out) -> bytes:
 def describe(model, model_id: str | None, max_inputs: int) -> Served:
     """What the dialects need to know of `model`, each fact from one source: the widths from the model's own config
     (the classifier's from the same `num_labels` its output layer was built with), pooling and normalisation from
-    the sentence-transformers files, label names from config.json's id2label (LABEL_i where it has none)."""
+    the sentence-transformers files, label names from config.json's id2label (LABEL_i where it has none). An LLM
+    reranker (a minibt.Reranker) gives one score per pair, served at /rerank only."""
+    if isinstance(model, Reranker):
+        folder = getattr(model.model, "source", None)
+        return Served("rerank", None, 1, ["LABEL_0"],
+                      model_id or (folder.name if folder else "minibt"), max_inputs)
     if model.head not in SERVED_HEADS:
         raise ConfigError(f"minibt serve serves sentence embeddings (head='base') and cross-encoders "
                           f"(head='sequence-classification'), not head={model.head!r}: load it with head='base'")
@@ -81,19 +87,25 @@ class Service:
 
     def __init__(self, model, tok, *, max_batch_tokens, max_client_batch_size, max_concurrent_requests, api_key,
                  auto_truncate, model_id, payload_limit, body_timeout=BODY_TIMEOUT, keep_memory=False):
+        if isinstance(model, Reranker) and model.kind != "llm":
+            raise ConfigError("serve a cross-encoder as its model and tokenizer: "
+                              "app(reranker.model, reranker.tokenizer)")
         self.served = served = describe(model, model_id, max_client_batch_size)
+        score = None
+        self.lowercase = served.pipeline.lowercase if served.pipeline else getattr(model, "lowercase", False)
+        if isinstance(model, Reranker):       # an LLM reranker: its prompt tokenizer and its last-position scores
+            model, tok, score = model.model, model.prompts, model.forward
         self.tei, self.openai, self.infinity = Tei(served), OpenAI(served), Infinity(served)
         self.limit = text_limit(model, tok, served.pipeline or Pipeline())          # tokens per input
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.quantization = (getattr(model, "quantization", None) or {}).get("scheme")     # "int8" | "int4" | None
         self.attn = getattr(model, "attn", None)
         self.tok = tok
-        self.lowercase = served.pipeline is not None and served.pipeline.lowercase
         self.max_batch_tokens, self.max_client_batch_size = max_batch_tokens, max_client_batch_size
         self.max_concurrent_requests, self.api_key = max_concurrent_requests, api_key
         self.auto_truncate, self.payload_limit, self.body_timeout = auto_truncate, payload_limit, body_timeout
         pipeline = served.pipeline and served.pipeline.unnormalized()       # the dialects normalise (TEI: on request)
-        self.worker = Worker(model, tok, pipeline, served.width, max_batch_tokens, keep_memory)
+        self.worker = Worker(model, tok, pipeline, served.width, max_batch_tokens, keep_memory, score)
         self.in_flight = 0
         self.answers = Counter()          # (route, status) -> count
         self.counts = Counter()           # inputs, tokens, queue_us, request_us
@@ -113,9 +125,10 @@ class Service:
             yield
             self.worker.stop()            # after uvicorn has answered every accepted request
 
+        rerankers = ("classify", "rerank")
         models = {"/embed": ("embed", self.tei.embed), "/v1/embeddings": ("embed", self.openai.embeddings),
-                  "/embeddings": ("embed", self.openai.embeddings), "/rerank": ("classify", self._rerank),
-                  "/v1/rerank": ("classify", self._rerank), "/predict": ("classify", self.tei.predict)}
+                  "/embeddings": ("embed", self.openai.embeddings), "/rerank": (rerankers, self._rerank),
+                  "/v1/rerank": (rerankers, self._rerank), "/predict": ("classify", self.tei.predict)}
         post = {path: self._model_route(path, kind, parse) for path, (kind, parse) in models.items()}
         post["/tokenize"] = self.tokenize
         get = {"/health": self.health, "/info": self.info, "/metrics": self.metrics, "/v1/models": self.models,
@@ -268,11 +281,13 @@ class Service:
             raise ApiError(422, f"request body must be a JSON object, not {type(body).__name__}")
         return body
 
-    def _need(self, kind, route):
-        if self.served.kind != kind:
-            what = {"embed": "a sentence-embedding model", "classify": "a sequence-classification model (cross-encoder)"}
-            raise ApiError(400, f"{route} needs {what[kind]}; this server runs {self.served.model_id}, "
-                                f"{what[self.served.kind]}")
+    def _need(self, kinds, route):
+        kinds = (kinds,) if isinstance(kinds, str) else kinds
+        if self.served.kind not in kinds:
+            what = {"embed": "a sentence-embedding model", "classify": "a sequence-classification model (cross-encoder)",
+                    "rerank": "an LLM reranker"}
+            raise ApiError(400, f"{route} needs {' or '.join(what[k] for k in kinds)}; this server runs "
+                                f"{self.served.model_id}, {what[self.served.kind]}")
 
     def _admit(self):
         """429 before any work when --max-concurrent-requests are already in flight."""
@@ -347,12 +362,13 @@ class Service:
             await asyncio.sleep(DISCONNECT_POLL)
 
 
-def app(model, tokenizer, *, max_batch_tokens: int = 16384, max_client_batch_size: int = 32,
+def app(model, tokenizer=None, *, max_batch_tokens: int = 16384, max_client_batch_size: int = 32,
         max_concurrent_requests: int = 512, api_key: str | None = None, auto_truncate: bool = False,
         model_id: str | None = None, payload_limit: int = PAYLOAD_LIMIT, body_timeout: float = BODY_TIMEOUT,
         keep_memory: bool = False):
     """The ASGI app (Starlette) serving `model`: embeddings for head="base", /rerank and /predict for
-    head="sequence-classification". Its lifespan starts and stops the worker thread. keep_memory=True lets glibc
+    head="sequence-classification"; /rerank for an LLM reranker (a minibt.Reranker of kind "llm", which brings its
+    own tokenizer: pass None). Its lifespan starts and stops the worker thread. keep_memory=True lets glibc
     keep freed activation memory for reuse (kernels/malloc.py): process-wide, so off unless asked."""
     return Service(model, tokenizer, max_batch_tokens=max_batch_tokens, max_client_batch_size=max_client_batch_size,
                    max_concurrent_requests=max_concurrent_requests, api_key=api_key, auto_truncate=auto_truncate,
@@ -375,10 +391,17 @@ def run(args) -> None:
     from .cli import dtype_of, model_name
     folder = resolve(model_name(args))
     config_path = inside(folder, "config.json")
-    # a *ForSequenceClassification checkpoint is served as a cross-encoder, any other as sentence embeddings
-    head = pick_head(read_json(config_path, required=True), "auto", SERVED_HEADS, config_path)
-    model = minibt.from_hub(folder, attn=args.attn, dtype=dtype_of(args), head=head, quantize=args.quantize)
-    tok = minibt.load_tokenizer(folder)
+    config = read_json(config_path, required=True)
+    if kind_of(folder, config) == "llm":
+        # a *ForCausalLM checkpoint that is no sentence-embedding model (no Pooling module) is an LLM reranker
+        head = "llm reranker"
+        model = minibt.Reranker(folder, attn=args.attn, dtype=dtype_of(args), quantize=args.quantize)
+        tok = None
+    else:
+        # a *ForSequenceClassification checkpoint is served as a cross-encoder, any other as sentence embeddings
+        head = pick_head(config, "auto", SERVED_HEADS, config_path)
+        model = minibt.from_hub(folder, attn=args.attn, dtype=dtype_of(args), head=head, quantize=args.quantize)
+        tok = minibt.load_tokenizer(folder)
     model_id = args.model_id or (str(args.model) if args.model else "sentence-transformers/all-MiniLM-L6-v2")
     # keep_memory: this process is the server's own, so the process-wide malloc setting is ours to make
     asgi = app(model, tok, max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,

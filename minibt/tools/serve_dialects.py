@@ -34,7 +34,8 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class Served:
     """What the dialects know of the served model, and the one limit they check themselves."""
-    kind: str                  # "embed" (head="base") or "classify" (head="sequence-classification")
+    kind: str                  # "embed" (head="base"), "classify" (head="sequence-classification") or "rerank"
+                               # (an LLM reranker, minibt.Reranker: one score per pair, /rerank only)
     pipeline: Pipeline | None  # the sentence-transformers pipeline (pooling, Dense, Normalize, prompts); None: classify
     width: int                 # vector width, or the classifier's number of labels
     labels: list               # the classifier's label names, by index; [] for "embed"

@@ -64,10 +64,13 @@ class Worker:
     LayerNorm, Normalize); None for a cross-encoder, whose logits are the rows. width: the length of one row.
     keep_memory: glibc keeps freed activation memory for the next forward (kernels/malloc.py, process-wide, so
     only when the caller asks: the `minibt serve` command does, its process is the server's own).
+    score: a batch's encodings -> (rows, width) on the CPU, run in place of the model's own forward (an LLM
+    reranker: minibt.Reranker.forward, left padding and the last position's yes/no logits).
     """
 
-    def __init__(self, model, tok, pipeline, width: int, max_batch_tokens: int, keep_memory: bool = False):
-        self.model, self.tok, self.pipeline = model, tok, pipeline
+    def __init__(self, model, tok, pipeline, width: int, max_batch_tokens: int, keep_memory: bool = False,
+                 score=None):
+        self.model, self.tok, self.pipeline, self.score = model, tok, pipeline, score
         self.width, self.max_batch_tokens, self.keep_memory = width, max_batch_tokens, keep_memory
         self.device = next(model.parameters()).device
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -157,6 +160,8 @@ class Worker:
 
     def _forward(self, encs, skips) -> torch.Tensor:
         """One batch of encodings -> (rows, width) on the CPU: sentence vectors or a cross-encoder's logits."""
+        if self.score is not None:
+            return self.score(encs)
         batch = {k: v.to(self.device) for k, v in self.tok.pad(encs).items()}
         out = self.model(**batch)
         if self.pipeline is None:
