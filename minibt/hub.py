@@ -10,8 +10,9 @@ from .errors import CheckpointError
 ALLOW = ["config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
          "merges.txt", "generation_config.json", "modules.json", "sentence_bert_config.json",
-         "config_sentence_transformers.json", "1_Pooling/config.json",
-         "1_LogitScore/config.json", "chat_template.jinja"]
+         "config_sentence_transformers.json", "chat_template.jinja",
+         # the sentence-transformers modules after the network (1_Pooling, 2_Dense, 3_LayerNorm, 1_LogitScore, ...)
+         "[0-9]_*/config.json", "[0-9]_*/model.safetensors", "[0-9][0-9]_*/config.json", "[0-9][0-9]_*/model.safetensors"]
 
 
 def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
