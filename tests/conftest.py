@@ -26,6 +26,8 @@ ENCODERS = {
                                         "DistilBertForSequenceClassification": "sequence-classification"}),
     "xlm-roberta": ("XLMRobertaConfig", {"XLMRobertaModel": "base", "XLMRobertaForMaskedLM": "masked-lm",
                                          "XLMRobertaForSequenceClassification": "sequence-classification"}),
+    "camembert": ("CamembertConfig", {"CamembertModel": "base", "CamembertForMaskedLM": "masked-lm",
+                                      "CamembertForSequenceClassification": "sequence-classification"}),
     "mpnet": ("MPNetConfig", {"MPNetModel": "base", "MPNetForMaskedLM": "masked-lm",
                               "MPNetForSequenceClassification": "sequence-classification"}),
     "modernbert": ("ModernBertConfig", {"ModernBertModel": "base", "ModernBertForMaskedLM": "masked-lm",
@@ -131,7 +133,7 @@ def encoder_config(family: str, **overrides):
                   initializer_range=0.2)
     else:
         kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99,
-                  max_position_embeddings=64 + (2 if family in ("roberta", "xlm-roberta", "mpnet") else 0))
+                  max_position_embeddings=64 + (2 if family in ("roberta", "xlm-roberta", "camembert", "mpnet") else 0))
     kw.update(overrides)
     return getattr(transformers, ENCODERS[family][0])(**kw)
 
