@@ -460,9 +460,9 @@ def test_overload_429_and_backend_failure_424(mini):
                         api_key=None, auto_truncate=False, model_id=None, payload_limit=serve.PAYLOAD_LIMIT)
     gate, real = threading.Event(), svc.worker._forward
 
-    def gated(encs):
+    def gated(encs, skips):
         gate.wait(30)
-        return real(encs)
+        return real(encs, skips)
 
     async def go():
         svc.worker._forward = gated
@@ -476,7 +476,7 @@ def test_overload_429_and_backend_failure_424(mini):
             gate.set()
             first = await first
 
-            def broken(encs):
+            def broken(encs, skips):
                 raise RuntimeError("device lost")
             svc.worker._forward = broken
             failed = await c.post("/embed", json={"inputs": "fails"})
