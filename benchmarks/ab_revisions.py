@@ -2,7 +2,7 @@
 
 A refactor must not make anything slower, and only ratios measured in the same run on the same machine mean
 anything here. Each revision is checked out once into a temporary worktree; each workload then runs in a fresh
-subprocess per revision and round (ABAB...), with that worktree first on sys.path, and the median is reported.
+subprocess per revision and round (ABAB...), with that worktree first on PYTHONPATH, and the median is reported.
 
 Workloads (the paths a forward and a load take):
 - encoder: bert-base-shaped random encoder, B8 S128, fp32 and bf16, at 0% and 50% padding, `auto`
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,12 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = r"""
 import json, sys, time
-sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(2)
 import minibt
 from minibt.hub import bundled_model
-workload, arg = sys.argv[2], json.loads(sys.argv[3])
+workload, arg = sys.argv[1], json.loads(sys.argv[2])
 
 def best(fn, reps):
     fn()
@@ -58,7 +58,6 @@ if workload == "encoder":
     with torch.inference_mode():
         t = best(lambda: model(ids, attention_mask=mask), 5)
 elif workload == "embed":
-    sys.path.insert(0, arg["tests"])
     from real_corpus import stdlib_corpus
     texts = stdlib_corpus(2000)
     model, tok = minibt.from_hub(bundled_model()), minibt.load_tokenizer(bundled_model())
@@ -89,7 +88,7 @@ def workloads(smollm2: str) -> list[tuple[str, str, dict]]:
     for dtype in ("float32", "bfloat16"):
         for padding in (0.0, 0.5):
             out.append((f"encoder B8 S128 {dtype} pad {padding:.0%}", "encoder", dict(dtype=dtype, padding=padding)))
-    out.append(("minilm embed 2,000 texts", "embed", dict(tests=str(ROOT / "tests"))))
+    out.append(("minilm embed 2,000 texts", "embed", dict()))
     for dtype in ("float32", "bfloat16"):
         for batch in (1, 4):
             for kind in ("prefill", "decode"):
@@ -127,8 +126,9 @@ def main():
             times = {"before": [], "after": []}
             for _ in range(args.rounds):
                 for side in ("before", "after"):
-                    out = subprocess.run([sys.executable, "-c", PROBE, str(trees[side][1]), kind, json.dumps(arg)],
-                                         check=True, capture_output=True, text=True).stdout
+                    path = os.pathsep.join([str(trees[side][1]), str(ROOT / "tests")])      # that revision first
+                    out = subprocess.run([sys.executable, "-c", PROBE, kind, json.dumps(arg)], check=True,
+                                         capture_output=True, text=True, env=os.environ | {"PYTHONPATH": path}).stdout
                     times[side].append(json.loads(out.strip().splitlines()[-1]))
             before, after = statistics.median(times["before"]), statistics.median(times["after"])
             rows.append([label, f"{before * 1e3:.1f}", f"{after * 1e3:.1f}", f"{before / after:.3f}x"])

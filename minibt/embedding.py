@@ -334,6 +334,17 @@ def quantize(vecs: torch.Tensor, precision: str) -> np.ndarray:
     return (q - 128).astype(np.int8) if precision == "int8" else q.astype(np.uint8)
 
 
+def as_requested(rows, single: bool, convert_to_numpy: bool, convert_to_tensor: bool):
+    """sentence-transformers' output forms: a tensor (convert_to_tensor), else numpy (convert_to_numpy), else a list
+    of 1-D tensors; one input (single) gives its one row."""
+    rows = rows[0] if single else rows
+    if convert_to_tensor:
+        return rows
+    if convert_to_numpy:
+        return rows.numpy()
+    return rows if single else list(rows)
+
+
 # ------------------------------------------------------------------------------------------------ embed
 
 def token_batches(lengths, batch_tokens: int, batch_size: int | None = None):

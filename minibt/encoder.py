@@ -50,7 +50,7 @@ class Encoder:
         import torch
         import torch.nn.functional as F
 
-        from .embedding import PRECISIONS, embed, quantize, truncate
+        from .embedding import PRECISIONS, as_requested, embed, quantize, truncate
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if not all(isinstance(t, str) for t in texts):
@@ -67,13 +67,7 @@ class Encoder:
             vecs = F.normalize(vecs, dim=-1)
         if precision != "float32":
             vecs = torch.from_numpy(quantize(vecs, precision))
-        if single:
-            vecs = vecs[0]
-        if convert_to_tensor:
-            return vecs
-        if convert_to_numpy:
-            return vecs.numpy()
-        return vecs if single else list(vecs)
+        return as_requested(vecs, single, convert_to_numpy, convert_to_tensor)
 
     def encode_query(self, texts, prompt_name: str | None = None, prompt: str | None = None, **kwargs):
         """encode() with the checkpoint's "query" prompt when neither prompt_name nor prompt is given."""

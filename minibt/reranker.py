@@ -289,13 +289,8 @@ class Reranker:
             scores = scores.reshape(-1)
         elif apply_softmax and len(scores):
             scores = scores.softmax(-1)
-        if single:
-            scores = scores[0]
-        if convert_to_tensor:
-            return scores
-        if convert_to_numpy:
-            return scores.numpy()
-        return scores if single else list(scores)
+        from .embedding import as_requested
+        return as_requested(scores, single, convert_to_numpy, convert_to_tensor)
 
     def rank(self, query: str, documents, top_k: int | None = None, return_documents: bool = False,
              batch_size: int = 32) -> list:

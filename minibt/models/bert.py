@@ -105,12 +105,13 @@ class MLP(nn.Module):
 
 class EncoderLayer(nn.Module):
     """Post-LN: x = norm1(x + attention(x)); x = norm2(x + mlp(x))."""
+    attention_class, mlp_class = SelfAttention, MLP          # a relative's own blocks (nomic_bert.py)
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.attention = SelfAttention(cfg)
+        self.attention = self.attention_class(cfg)
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = self.mlp_class(cfg)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x, batch: Batch):
@@ -120,8 +121,8 @@ class EncoderLayer(nn.Module):
 
 
 class LayerStack(nn.ModuleList):
-    """x -> layer 1 -> ... -> layer N; -> (x, each layer's probabilities or None). A module of its own so that the
-    fused transform (kernels/fused_encoder.py) can swap the whole stack for one that runs torch's fused op."""
+    """x -> layer 1 -> ... -> layer N; -> (x, each layer's probabilities or None). A module of its own so that a
+    kernels/ transform can replace the whole stack at once."""
 
     def forward(self, x, batch: Batch):
         attentions = []

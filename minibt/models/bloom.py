@@ -74,7 +74,7 @@ def alibi_slopes(heads: int) -> list[float]:
 # ------------------------------------------------------------------------------------------------------ blocks
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with the ALiBi penalty. The checkpoint's fused q, k, v weight is stored
+    """Causal multi-head self-attention with the ALiBi penalty. The checkpoint's one q, k, v weight is stored
     interleaved per head ([head][q, k, v][head_dim] rows), so the projection is viewed that way: no weight is
     permuted."""
 

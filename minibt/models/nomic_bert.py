@@ -25,7 +25,7 @@ from torch import nn
 
 from ..attention import Batch, check_ids, check_mask
 from ..config import Fields
-from .bert import ClassifierHead, MaskedLMHead, check_token_types
+from .bert import ClassifierHead, EncoderLayer, MaskedLMHead, check_token_types
 from .common import ACTIVATIONS, Model, Output, activation
 from .llama import apply_rope
 from .modernbert import rope_tables
@@ -159,20 +159,9 @@ class MLP(nn.Module):
         return self.down(self.act(gate) * up)
 
 
-class NomicBertLayer(nn.Module):
-    """Post-LN, as BERT: x = norm1(x + attention(x)); x = norm2(x + mlp(x))."""
-
-    def __init__(self, cfg: NomicBertConfig):
-        super().__init__()
-        self.attention = Attention(cfg)
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x, batch: Batch):
-        a, probs = self.attention(x, batch)
-        x = self.norm1(x + a)
-        return self.norm2(x + self.mlp(x)), probs
+class NomicBertLayer(EncoderLayer):
+    """BERT's post-LN layer, x = norm1(x + attention(x)); x = norm2(x + mlp(x)), with the blocks above."""
+    attention_class, mlp_class = Attention, MLP
 
 
 # ------------------------------------------------------------------------------------------------------ model

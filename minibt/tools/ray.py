@@ -59,11 +59,13 @@ class Embedder:
         self.model = minibt.from_hub(model, attn=attn, dtype=dtype, head="base")
         self.tok = minibt.load_tokenizer(model)
         self.column, self.batch_tokens = column, batch_tokens
+        from ..embedding import Pipeline
+        self.pipeline = Pipeline.read(self.model.source, self.model.config.hidden_size)   # read once, not per batch
         self.node = ray.get_runtime_context().get_node_id()
 
     def vectors(self, texts: list[str]) -> pa.FixedSizeListArray:
         from ..embedding import embed
-        vecs = embed(self.model, self.tok, texts, batch_tokens=self.batch_tokens).numpy()
+        vecs = embed(self.model, self.tok, texts, batch_tokens=self.batch_tokens, pipeline=self.pipeline).numpy()
         return pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -107,6 +107,7 @@ class Service:
         pipeline = served.pipeline and served.pipeline.unnormalized()       # the dialects normalise (TEI: on request)
         self.worker = Worker(model, tok, pipeline, served.width, max_batch_tokens, keep_memory, score)
         self.in_flight = 0
+        self.prompt_lengths = {}          # prompt -> its tokens (prompts come from the checkpoint: a few)
         self.answers = Counter()          # (route, status) -> count
         self.counts = Counter()           # inputs, tokens, queue_us, request_us
 
@@ -150,7 +151,7 @@ class Service:
             ask = parse(body)
             encs = await self._encode(body, [ask.prompt + t for t in ask.texts] if ask.prompt else ask.texts,
                                       ask.field, timing)
-            skip = prompt_length(self.tok, ask.prompt.lower() if self.lowercase else ask.prompt)
+            skip = self._prompt_length(ask.prompt)
             return ask.answer(await self._run(encs, request, timing, skip), encs)
         return answer
 
@@ -332,6 +333,12 @@ class Service:
         except Exception as e:          # noqa: BLE001 - InputError, or the tokenizers library's own types
             detail = str(e).removeprefix(f"{self.tok.folder}: ")
             raise ApiError(422, f"`{name}`: {detail}", "Tokenizer") from None
+
+    def _prompt_length(self, prompt: str) -> int:
+        """Tokens of the prompt at the start of each text, tokenised once per prompt (a model has a few)."""
+        if prompt not in self.prompt_lengths:
+            self.prompt_lengths[prompt] = prompt_length(self.tok, prompt.lower() if self.lowercase else prompt)
+        return self.prompt_lengths[prompt]
 
     async def _run(self, encs, request, timing, skip: int = 0):
         """One request's rows from the engine, in order: (N, width) sentence vectors or (N, labels) logits. skip:
