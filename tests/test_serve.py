@@ -45,20 +45,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def output(proc) -> str:
+    """What a `server` process has written to stdout and stderr so far (a thread reads it as it comes, so that the
+    access log never fills the pipe and stalls the server)."""
+    return "".join(proc.lines)
+
+
 @contextlib.contextmanager
-def server(*args):
+def server(*args, preexec_fn=None):
     """`python -m minibt.tools.serve ARGS` on a free port; yields (base url, process); SIGTERM at the end."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen([sys.executable, "-m", "minibt.tools.serve", "--port", str(port), *map(str, args)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=preexec_fn)
+    proc.lines = []
+    proc.reader = threading.Thread(target=lambda: proc.lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    proc.reader.start()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+                proc.reader.join(10)
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{output(proc)}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
@@ -73,6 +84,7 @@ def server(*args):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        proc.reader.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +211,8 @@ BAD = [  # (route, body as bytes or JSON, status, words the message must name)
 @pytest.mark.parametrize("route,body,status,words", BAD, ids=[f"{b[0]}-{b[2]}-{b[3][:14]}" for b in BAD])
 def test_bad_requests_answered_and_server_keeps_serving(minilm_server, route, body, status, words):
     c = httpx.Client(base_url=minilm_server, headers=AUTH, timeout=60)
-    r = c.post(route, content=body) if isinstance(body, bytes) else c.post(route, json=body)
+    r = c.post(route, content=body, headers={"Content-Type": "application/json"}) if isinstance(body, bytes) \
+        else c.post(route, json=body)
     assert r.status_code == status, r.text
     err = r.json()
     assert set(err) == {"error", "error_type"} and words in err["error"], err
@@ -235,8 +248,8 @@ def test_work_of_clients_that_went_away_is_dropped(minilm):
         socks = []
         for _ in range(10):                        # 320 rows, one forward each: seconds of work
             sock = socket.create_connection(("127.0.0.1", port))
-            sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            sock.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (port, len(body)) + body)
             socks.append(sock)
         time.sleep(0.5)
         for sock in socks:
@@ -258,7 +271,8 @@ def test_stalled_and_vanishing_bodies_are_bounded(minilm):
     disconnects mid-body costs nothing; the server answers everyone else throughout."""
     with server("--model", minilm, "--body-timeout", 1) as (url, proc):
         port = int(url.rsplit(":", 1)[1])
-        head = b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+        head = b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n" \
+               b"Content-Length: 40\r\n\r\n" % port
         gone = socket.create_connection(("127.0.0.1", port))
         gone.sendall(head + b'{"inputs": ')
         gone.close()
@@ -279,7 +293,8 @@ def test_stalled_and_vanishing_bodies_are_bounded(minilm):
         proc.wait(timeout=20)
         assert time.monotonic() - t0 < 15
         again.close()
-        log = proc.stdout.read()
+        proc.reader.join(10)                                     # every line the server wrote
+        log = output(proc)
         assert "ClientDisconnect" not in log and "Traceback" not in log, log
 
 
@@ -571,7 +586,7 @@ def test_missing_config_json_is_one_clear_cli_error(tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(b"")
     r = subprocess.run([sys.executable, "-m", "minibt", "serve", "--model", str(tmp_path)], capture_output=True,
                        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.returncode == 2 and r.stdout == f"minibt serve: loading {tmp_path} ...\n", r.stderr   # no banner
     assert r.stderr.strip() == f"minibt: error: {tmp_path}: no config.json"
     with pytest.raises(SystemExit) as e:
         serve.main(["--model", str(tmp_path)])

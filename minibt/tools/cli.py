@@ -426,22 +426,40 @@ def bench_run(args):
 
 
 def serve_args(p):
+    # numbers are checked by tools/serve.py's check_options (one line naming the flag), which app() shares
     add_model(p)
     add_attn(p)
     add_dtype(p)
     add_quantize(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=positive, default=8080, help="default %(default)s")
-    p.add_argument("--max-batch-tokens", type=positive, default=16384,
-                   help="token budget of one forward (rows x longest row), shared by all queued requests")
-    p.add_argument("--max-client-batch-size", type=positive, default=32, help="most inputs in one request (413 above)")
-    p.add_argument("--max-concurrent-requests", type=positive, default=512, help="requests in flight (429 above)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all routes but /health)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s); on a loopback address without --api-key only "
+                        "Host localhost, 127.0.0.1 or [::1] is answered (DNS rebinding)")
+    p.add_argument("--port", type=int, default=8080, help="0 to 65535; 0 picks a free port (default %(default)s)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="token budget of one forward (rows x longest row), shared by all queued requests "
+                        "(default %(default)s)")
+    p.add_argument("--max-client-batch-size", type=int, default=32,
+                   help="most inputs in one request (413 above; default %(default)s)")
+    p.add_argument("--max-concurrent-requests", type=int, default=512,
+                   help="requests being tokenised, queued or run, every POST route (429 above; default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections; one more closes the longest-idle one (kept below the open-file limit; "
+                        "default %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (all routes but /health; an empty key is refused; "
+                        "default: no key)")
     p.add_argument("--auto-truncate", action="store_true",
                    help="cut inputs longer than the model takes instead of answering 413")
     p.add_argument("--model-id", default=None, help="name reported in /info and OpenAI answers")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its whole request body (408 after; default %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers, from connecting or from the request's "
+                        "first byte (408 and closed after; default %(default)s)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle kept-alive connection stays open (default %(default)s)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="do not write a line per request (method path status ms) to stderr")
 
 
 def serve_run(args):

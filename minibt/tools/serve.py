@@ -5,23 +5,32 @@ Three parts, each in its own file:
     serve_dialects.py  one adapter per client dialect (TEI, OpenAI, Infinity): parse a body, render the answer
     serve_engine.py    the engine: the queue and the one worker thread that batches every queued request's rows
 
-A request to a model route goes: read the body (bounded in size and time) -> the dialect parses it -> tokens
-(here, on the event loop; big inputs on a thread) -> the engine's queue -> the dialect renders the rows -> bytes.
-Starlette + uvicorn (the `serve` extra) are imported only here, never by `import minibt`.
+A request to a model route goes: the Host (loopback without a key) and the key -> read the JSON body (bounded in
+size and time) -> the dialect parses it -> a slot of --max-concurrent-requests (429), held until the answer ->
+tokens (here, on the event loop; big inputs on a thread) -> the engine's queue -> the dialect renders the rows ->
+bytes. Below the app, the
+`minibt serve` command bounds connections themselves (`guarded`): headers must arrive in time and idle or half-open
+connections cannot fill the server. Starlette + uvicorn (the `serve` extra) are imported only here, never by
+`import minibt`.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import http
+import ipaddress
 import json
 import logging
+import math
+import socket
 import sys
 import time
 from collections import Counter
 
 from ..config import Fields, read_json
 from ..embedding import Pipeline, prompt_length, text_limit
-from ..errors import ConfigError, MinibtError
+from ..errors import ConfigError, InputError, MinibtError
 from ..hub import inside
 from ..reranker import Reranker, kind_of
 from .serve_dialects import ApiError, Infinity, OpenAI, Served, Tei, truncation
@@ -31,9 +40,13 @@ from .serve_engine import ClientGone, ForwardFailed, Job, Worker
 __all__ = ["app", "run", "main", "Service", "Job", "render", "rows"]
 
 log = logging.getLogger("minibt.serve")
+access = logging.getLogger("minibt.serve.access")      # one line per request: method path status ms
 PAYLOAD_LIMIT = 2_000_000            # bytes, as TEI
 TOKENIZE_INLINE_CHARS = 20_000       # characters of one request tokenised on the event loop; more: on a thread
+TOKENIZE_MAX_TOKENS = 65_536         # tokens in one /tokenize answer (~5 MB of JSON); at least one whole model input
 BODY_TIMEOUT = 30.0                  # seconds for a client to send its whole request body (408 after)
+FD_RESERVE = 64                      # files the process keeps for itself (model files, logs, the worker)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 DISCONNECT_POLL = 0.2                # seconds between checks that a waiting request's client is still there
 SERVED_HEADS = ("base", "sequence-classification")
 
@@ -82,11 +95,53 @@ def describe(model, model_id: str | None, max_inputs: int) -> Served:
     return Served("classify", None, width, labels, model_id, max_inputs)
 
 
+# option -> (an integer?, lowest, lowest itself allowed?, highest): what app() and the command line accept
+LIMITS = {"port": (True, 0, True, 65535), "max_batch_tokens": (True, 1, True, None),
+          "max_client_batch_size": (True, 1, True, None), "max_concurrent_requests": (True, 1, True, None),
+          "max_connections": (True, 1, True, None), "payload_limit": (True, 1, True, None),
+          "body_timeout": (False, 0, False, None), "header_timeout": (False, 0, False, None),
+          "keep_alive_timeout": (False, 0, True, None)}
+
+
+def check_options(values: dict, flags: bool = False) -> None:
+    """Each limit an integer (or a finite number) in its range, the API key one a client can send: else an InputError
+    naming the option, as `--flag` for the command line (flags=True) or `name=` for app()."""
+    for key, value in values.items():
+        name = f"--{key.replace('_', '-')}" if flags else key
+        if key == "api_key":
+            check_key(value, name)
+            continue
+        integer, low, low_ok, high = LIMITS[key]
+        number = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+        if isinstance(value, bool) or not number or value < low or value == low and not low_ok or \
+                high is not None and value > high:
+            rule = (f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}") if integer \
+                else f"a finite number {'>=' if low_ok else '>'} {low}"
+            raise InputError(f"{name}{' ' if flags else '='}{value!r}: must be {rule}")
+
+
+def check_key(key, name: str) -> None:
+    """None serves without a key. An empty key is refused rather than read as "no key" (or matched by an empty
+    `Bearer`): the caller meant to protect the server. A key must survive a header: no white space at its ends
+    (clients and servers strip it) and no control characters."""
+    if key is None:
+        return
+    if not isinstance(key, str) or not key:
+        raise InputError(f"{name} is empty: give a key, or leave {name} out to serve without one")
+    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise InputError(f"{name}: the key starts or ends with white space or holds a control character, which "
+                         "an HTTP header cannot carry")
+
+
 class Service:
     """Routes, the API key, body limits, admission and metrics around one engine Worker and the three dialects."""
 
     def __init__(self, model, tok, *, max_batch_tokens, max_client_batch_size, max_concurrent_requests, api_key,
-                 auto_truncate, model_id, payload_limit, body_timeout=BODY_TIMEOUT, keep_memory=False):
+                 auto_truncate, model_id, payload_limit, body_timeout=BODY_TIMEOUT, keep_memory=False,
+                 allowed_hosts=None):
+        check_options({"max_batch_tokens": max_batch_tokens, "max_client_batch_size": max_client_batch_size,
+                       "max_concurrent_requests": max_concurrent_requests, "payload_limit": payload_limit,
+                       "body_timeout": body_timeout, "api_key": api_key})
         if isinstance(model, Reranker) and model.kind != "llm":
             raise ConfigError("serve a cross-encoder as its model and tokenizer: "
                               "app(reranker.model, reranker.tokenizer)")
@@ -97,6 +152,9 @@ class Service:
             model, tok, score = model.model, model.prompts, model.forward
         self.tei, self.openai, self.infinity = Tei(served), OpenAI(served), Infinity(served)
         self.limit = text_limit(model, tok, served.pipeline or Pipeline())          # tokens per input
+        self.tokenize_limit = max(TOKENIZE_MAX_TOKENS, self.limit)                 # tokens per /tokenize answer
+        # Host header values answered (None: any); `minibt serve` on loopback without a key: its own names only
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.quantization = (getattr(model, "quantization", None) or {}).get("scheme")     # "int8" | "int4" | None
         self.attn = getattr(model, "attn", None)
@@ -106,7 +164,7 @@ class Service:
         self.auto_truncate, self.payload_limit, self.body_timeout = auto_truncate, payload_limit, body_timeout
         pipeline = served.pipeline and served.pipeline.unnormalized()       # the dialects normalise (TEI: on request)
         self.worker = Worker(model, tok, pipeline, served.width, max_batch_tokens, keep_memory, score)
-        self.in_flight = 0
+        self.in_flight = 0                # requests holding a slot: tokenising, queued or running
         self.prompt_lengths = {}          # prompt -> its tokens (prompts come from the checkpoint: a few)
         self.answers = Counter()          # (route, status) -> count
         self.counts = Counter()           # inputs, tokens, queue_us, request_us
@@ -137,7 +195,30 @@ class Service:
         routes = [Route(p, self._endpoint(p, fn), methods=["POST"]) for p, fn in post.items()]
         routes += [Route(p, self._endpoint(p, lambda request, timing, fn=fn: fn(timing)), methods=["GET"])
                    for p, fn in get.items()]
-        return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: self._http_error})
+        inner = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: self._http_error})
+
+        async def asgi(scope, receive, send):
+            """Every HTTP request, routed or not: the Host check, then the routes; one access-log line each."""
+            if scope["type"] != "http":
+                return await inner(scope, receive, send)
+            t0, status = time.perf_counter(), [500]       # 500: uvicorn's answer if nothing was sent
+
+            async def sending(message):
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+            try:
+                refused = self._misdirected(scope)
+                if refused is None:
+                    await inner(scope, receive, sending)
+                else:
+                    self.answers["*", refused.status] += 1
+                    await self._reply(refused)(scope, receive, sending)
+            finally:
+                # raw_path: the target as sent, which h11 has checked (no spaces or control characters to forge lines)
+                path = scope.get("raw_path", b"").decode("latin-1") or scope["path"]
+                access.info("%s %s %d %.1f ms", scope["method"], path, status[0], (time.perf_counter() - t0) * 1e3)
+        return asgi
 
     def _rerank(self, body):
         # one route, two dialects: Infinity (and Cohere) send `documents`, TEI sends `texts`
@@ -149,15 +230,26 @@ class Service:
             body = await self._json(request)
             self._need(kind, route)
             ask = parse(body)
-            encs = await self._encode(body, [ask.prompt + t for t in ask.texts] if ask.prompt else ask.texts,
-                                      ask.field, timing)
-            skip = self._prompt_length(ask.prompt)
-            return ask.answer(await self._run(encs, request, timing, skip), encs)
+            with self._slot():
+                if ask.query is not None:
+                    await self._check_query(ask.query)
+                encs = await self._encode(body, [ask.prompt + t for t in ask.texts] if ask.prompt else ask.texts,
+                                          ask.field, timing)
+                skip = self._prompt_length(ask.prompt)
+                return ask.answer(await self._run(encs, request, timing, skip), encs)
         return answer
 
     async def tokenize(self, request, timing):
+        """TEI's /tokenize, under the same slots as the model routes; its answer (~70 bytes of JSON a token) is
+        bounded: at most tokenize_limit tokens, else 413 before any of it is built."""
         texts, special = self.tei.tokenize(await self._json(request))
-        return self.tei.tokens(await self._tokens(texts, "inputs", add_special_tokens=special))
+        with self._slot():
+            encs = await self._tokens(texts, "inputs", add_special_tokens=special)
+            total = sum(len(e.ids) for e in encs)
+            if total > self.tokenize_limit:
+                raise ApiError(413, f"`inputs` is {total} tokens, over the limit of {self.tokenize_limit} tokens in "
+                                    "one /tokenize answer: split it into several requests")
+            return self.tei.tokens(encs)
 
     async def health(self, timing):
         if not self.worker.thread.is_alive():
@@ -191,7 +283,7 @@ class Service:
                  "# TYPE minibt_requests_total counter"]
         lines += [f'minibt_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.answers.items())]
         for name, kind, value, help_ in [
-                ("minibt_requests_in_flight", "gauge", self.in_flight, "Requests queued or running now."),
+                ("minibt_requests_in_flight", "gauge", self.in_flight, "Requests tokenising, queued or running now."),
                 ("minibt_request_seconds_total", "counter", c["request_us"] / 1e6,
                  "Time from a request's arrival to its answer, all routes."),
                 ("minibt_inputs_total", "counter", c["inputs"], "Inputs (texts or pairs) embedded or scored."),
@@ -236,6 +328,24 @@ class Service:
         return endpoint
 
     @staticmethod
+    def _reply(e: ApiError):
+        from starlette.responses import Response
+        return Response(render({"error": e.message, "error_type": e.kind}), status_code=e.status,
+                        media_type="application/json")
+
+    def _misdirected(self, scope) -> ApiError | None:
+        """A server on loopback without a key answers only its own Host names: a web page whose name was rebound to
+        127.0.0.1 (DNS rebinding) sends its own name, and is refused before anything is computed."""
+        if self.allowed_hosts is None:
+            return None
+        host = next((v for k, v in scope["headers"] if k == b"host"), b"").decode("latin-1")
+        if host.lower() in self.allowed_hosts:
+            return None
+        return ApiError(403, f"Host {host[:100]!r} is not this server's: on a loopback address without --api-key "
+                             f"it answers only {', '.join(sorted(self.allowed_hosts))} (a guard against DNS "
+                             "rebinding); give --api-key to serve other names", "Forbidden")
+
+    @staticmethod
     async def _http_error(request, exc):
         """Starlette's own 404 / 405 in the same {"error", "error_type"} shape as ours."""
         from starlette.responses import JSONResponse
@@ -247,8 +357,12 @@ class Service:
     def _authorise(self, request):
         if self.api_key is None:
             return
-        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+        # Starlette decodes header bytes as latin-1: encoding back to latin-1 gives the bytes sent, which must be the
+        # key's UTF-8 (so a non-ASCII key matches). Only spaces and tabs are stripped: str.strip() would also take
+        # a trailing 0xA0, the last byte of some UTF-8 characters.
+        scheme, _, given = request.headers.get("authorization", "").strip(" \t").partition(" ")
+        if scheme.lower() != "bearer" or \
+                not hmac.compare_digest(given.strip(" \t").encode("latin-1"), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
                                 "key given to --api-key", "Unauthorized")
 
@@ -256,6 +370,12 @@ class Service:
         """The body as a JSON object, read in chunks so that an oversized one is refused before it is all in memory,
         and within --body-timeout so that a stalled client neither holds a connection nor delays a SIGTERM drain."""
         from starlette.requests import ClientDisconnect
+        # JSON only, as TEI: a page on another site can POST a form or text/plain to a loopback server without the
+        # browser asking first, but not application/json
+        media = request.headers.get("content-type")
+        if (media or "").partition(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, "send the body as JSON with the header 'Content-Type: application/json' (got "
+                                f"{'no Content-Type' if media is None else repr(media[:100])})", "UnsupportedMediaType")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.payload_limit:
             raise ApiError(413, f"payload is {declared} bytes, over the {self.payload_limit}-byte limit")
@@ -290,18 +410,31 @@ class Service:
             raise ApiError(400, f"{route} needs {' or '.join(what[k] for k in kinds)}; this server runs "
                                 f"{self.served.model_id}, {what[self.served.kind]}")
 
-    def _admit(self):
-        """429 before any work when --max-concurrent-requests are already in flight."""
+    @contextlib.contextmanager
+    def _slot(self):
+        """One of --max-concurrent-requests, held by a POST request from its parsed body to its answer (tokenising
+        included, /tokenize too): 429 before any work when all are taken."""
         if self.in_flight >= self.max_concurrent_requests:
             raise ApiError(429, f"model is overloaded: {self.in_flight} requests in flight "
                                 f"(--max-concurrent-requests {self.max_concurrent_requests})", "Overloaded")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1           # at once for a client that left: its slot is free for the next
+
+    async def _check_query(self, query: str):
+        """A rerank query is tokenised alone, once, before it is paired with each document (N copies tokenised): one
+        that fills the model's input by itself is 413, even with truncation, as no document would fit beside it."""
+        enc = (await self._tokens([query.lower() if self.lowercase else query], "query"))[0]
+        if len(enc.ids) > self.limit:
+            raise ApiError(413, f"`query` is {len(enc.ids)} tokens long; this model takes at most {self.limit} "
+                                "tokens per input, query and document together: shorten the query")
 
     # ------------------------------------------------------------------------------------- tokens and the engine
 
     async def _encode(self, body, texts, name, timing):
-        """Token ids for texts (strings or (query, text) pairs); too long: truncate if asked, else 413. An overloaded
-        server answers 429 here, before tokenising (and _run checks again when it queues)."""
-        self._admit()
+        """Token ids for texts (strings or (query, text) pairs); too long: truncate if asked, else 413."""
         t0 = time.perf_counter()
         truncate, direction = truncation(body, self.auto_truncate)
         if self.lowercase:
@@ -343,18 +476,14 @@ class Service:
     async def _run(self, encs, request, timing, skip: int = 0):
         """One request's rows from the engine, in order: (N, width) sentence vectors or (N, labels) logits. skip:
         the prompt's tokens at the start of each (pooling with include_prompt=false leaves them out)."""
-        self._admit()
         if not self.worker.thread.is_alive():
             raise ApiError(503, "the model worker is not running", "Unhealthy")
-        self.in_flight += 1
         try:
             job = await self.worker.submit(encs, self._disconnect(request), skip)
         except ClientGone:
             raise ApiError(499, "the client disconnected before its answer was ready", "Disconnected") from None
         except ForwardFailed as e:
             raise ApiError(424, f"model forward failed: {e}", "Backend") from None
-        finally:
-            self.in_flight -= 1           # at once for a client that left: its slot is free for the next
         timing["x-queue-time"] = job.started - job.queued
         timing["x-inference-time"] = time.perf_counter() - job.started
         self.counts["inputs"] += len(encs)
@@ -372,52 +501,221 @@ class Service:
 def app(model, tokenizer=None, *, max_batch_tokens: int = 16384, max_client_batch_size: int = 32,
         max_concurrent_requests: int = 512, api_key: str | None = None, auto_truncate: bool = False,
         model_id: str | None = None, payload_limit: int = PAYLOAD_LIMIT, body_timeout: float = BODY_TIMEOUT,
-        keep_memory: bool = False):
+        keep_memory: bool = False, allowed_hosts=None):
     """The ASGI app (Starlette) serving `model`: embeddings for head="base", /rerank and /predict for
     head="sequence-classification"; /rerank for an LLM reranker (a minibt.Reranker of kind "llm", which brings its
     own tokenizer: pass None). Its lifespan starts and stops the worker thread. keep_memory=True lets glibc
-    keep freed activation memory for reuse (kernels/malloc.py): process-wide, so off unless asked."""
+    keep freed activation memory for reuse (kernels/malloc.py): process-wide, so off unless asked. allowed_hosts:
+    the Host header values answered (e.g. ["127.0.0.1:8080", "localhost:8080"]), others 403; None: any.
+    Each request is logged (method path status ms) to the "minibt.serve.access" logger at INFO."""
     return Service(model, tokenizer, max_batch_tokens=max_batch_tokens, max_client_batch_size=max_client_batch_size,
                    max_concurrent_requests=max_concurrent_requests, api_key=api_key, auto_truncate=auto_truncate,
                    model_id=model_id, payload_limit=payload_limit, body_timeout=body_timeout,
-                   keep_memory=keep_memory).asgi()
+                   keep_memory=keep_memory, allowed_hosts=allowed_hosts).asgi()
+
+
+# ---------------------------------------------------------------------------------------------- connections
+
+def raw_answer(transport, status: int, message: str, kind: str) -> None:
+    """An error answer written straight to a connection that has no request the app could answer; then closed."""
+    body = render({"error": message, "error_type": kind})
+    transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                    b"connection: close\r\n\r\n%s" % (status, http.HTTPStatus(status).phrase.encode(), len(body), body))
+    transport.close()
+
+
+def guarded(base, header_timeout: float, max_connections: int):
+    """uvicorn's HTTP protocol class `base` with the two bounds a local service needs that uvicorn lacks (nginx has
+    both): a request's headers must be complete within header_timeout seconds of the connection opening or of the
+    request's first byte (then 408 and closed; a connection that sent nothing is closed), and at most
+    max_connections are open: one more closes the longest-waiting connection with no request running, or is
+    answered 503 when every one is running a request. So idle and half-open sockets cannot starve /health.
+    Idle kept-alive connections are closed by uvicorn (--keep-alive-timeout)."""
+    class Guarded(base):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.partial, self.timer = False, None
+            self.arm()
+            if len(self.connections) > max_connections:
+                # (one already closing stays in the set until its close has run: not picked twice)
+                waiting = [c for c in self.connections
+                           if c is not self and c.waiting() and not c.transport.is_closing()]
+                if waiting:
+                    min(waiting, key=lambda c: c.since).expire(
+                        503, f"closed to make room for a new connection (--max-connections {max_connections}) "
+                             "before this request's headers were complete")
+                else:
+                    raw_answer(transport, 503, f"every one of the server's {max_connections} connections is "
+                                               "running a request: try again", "Overloaded")
+
+        def waiting(self) -> bool:
+            """No request running: before the first one's headers are complete, or after an answer."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def arm(self):
+            if self.timer is not None:
+                self.timer.cancel()
+            self.since = time.monotonic()
+            self.timer = self.loop.call_later(header_timeout, self.expire)
+
+        def data_received(self, data):
+            if self.waiting():                      # bytes of a request whose headers are not all here yet
+                if self.timer is None:
+                    self.arm()
+                self.partial = True
+            super().data_received(data)
+
+        def expire(self, status=408, why=None):
+            """Close a connection with no request running; one that has sent part of a request is told why."""
+            if self.timer is not None:
+                self.timer.cancel()                 # when called to make room, not by the timer
+            self.timer = None
+            if not self.waiting() or self.transport.is_closing():
+                return                              # its request is running: the body has --body-timeout
+            if self.partial:
+                why = why or f"the request's headers did not arrive within {header_timeout:g} s (--header-timeout)"
+                raw_answer(self.transport, status, why, "Timeout" if status == 408 else "Overloaded")
+            else:
+                self.transport.close()
+
+        def on_response_complete(self):
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer, self.partial, self.since = None, False, time.monotonic()
+            super().on_response_complete()
+
+        def connection_lost(self, exc):
+            if self.timer is not None:
+                self.timer.cancel()
+            super().connection_lost(exc)
+    return Guarded
+
+
+def connection_limit(wanted: int) -> int:
+    """--max-connections, kept FD_RESERVE below the open-file limit (raised towards the hard limit if need be):
+    past that limit accept() fails and every client, /health's too, waits."""
+    try:
+        import resource
+    except ImportError:                             # not on Unix
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    if soft < wanted + FD_RESERVE:
+        target = wanted + FD_RESERVE if hard == resource.RLIM_INFINITY else min(wanted + FD_RESERVE, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return max(1, min(wanted, soft - FD_RESERVE))
+
+
+class AcceptLimitLog(logging.Filter):
+    """asyncio logs a traceback for each accept() that finds no free file (on a connection flood, before the
+    `guarded` limit has closed idle connections to make room: it retries a second later), as many as the listen
+    backlog at once. This keeps one line a minute of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = -math.inf
+
+    def filter(self, record) -> bool:
+        if not str(record.msg).startswith("socket.accept() out of system resource"):
+            return True
+        if time.monotonic() - self.last < 60:
+            return False
+        self.last = time.monotonic()
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            "minibt serve: out of open files accepting connections; idle ones are closed to make room", (), None, None)
+        return True
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads (a taken port is one line at once, not after minutes of
+    loading) and listening only once it is ready (until then a client is refused, not left waiting)."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise InputError(f"--host {host!r}: {getattr(e, 'strerror', None) or e}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {where}: {e.strerror or e} (--host, --port)") from None
+    return sock
 
 
 # ------------------------------------------------------------------------------------------------ command line
 
+SERVE_OPTIONS = ("port", "max_batch_tokens", "max_client_batch_size", "max_concurrent_requests", "max_connections",
+                 "body_timeout", "header_timeout", "keep_alive_timeout", "api_key")
+
+
 def run(args) -> None:
     """`minibt serve` (flags: tools/cli.py serve_args). Every failure before the server starts is a MinibtError,
-    which the command line answers with one line and exit code 2."""
+    which the command line answers with one line and exit code 2. Order: the options, the socket (bound), the model
+    (a line when loading starts and one when the server is ready), then uvicorn on that socket."""
+    check_options({k: getattr(args, k) for k in SERVE_OPTIONS}, flags=True)
     try:
         import uvicorn
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
     except ImportError:
         raise MinibtError("minibt serve needs starlette and uvicorn: pip install 'minibt[serve]'") from None
     import minibt
     from ..hub import resolve
     from ..loading import pick_head
     from .cli import dtype_of, model_name
-    folder = resolve(model_name(args))
-    config_path = inside(folder, "config.json")
-    config = read_json(config_path, required=True)
-    if kind_of(folder, config) == "llm":
-        # a *ForCausalLM checkpoint that is no sentence-embedding model (no Pooling module) is an LLM reranker
-        head = "llm reranker"
-        model = minibt.Reranker(folder, attn=args.attn, dtype=dtype_of(args), quantize=args.quantize)
-        tok = None
-    else:
-        # a *ForSequenceClassification checkpoint is served as a cross-encoder, any other as sentence embeddings
-        head = pick_head(config, "auto", SERVED_HEADS, config_path)
-        model = minibt.from_hub(folder, attn=args.attn, dtype=dtype_of(args), head=head, quantize=args.quantize)
-        tok = minibt.load_tokenizer(folder)
-    model_id = args.model_id or (str(args.model) if args.model else "sentence-transformers/all-MiniLM-L6-v2")
-    # keep_memory: this process is the server's own, so the process-wide malloc setting is ours to make
-    asgi = app(model, tok, max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
-               max_concurrent_requests=args.max_concurrent_requests, api_key=args.api_key,
-               auto_truncate=args.auto_truncate, model_id=model_id, body_timeout=args.body_timeout, keep_memory=True)
-    print(f"minibt serve: {model_id} ({head}) on http://{args.host}:{args.port}", flush=True)
-    # SIGTERM/SIGINT: uvicorn stops accepting, answers every request it has accepted, then runs the lifespan's end.
-    uvicorn.run(asgi, host=args.host, port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=None)
+    sock = bind(args.host, args.port)
+    try:
+        host, port = sock.getsockname()[:2]
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        print(f"minibt serve: loading {model_name(args)} ...", flush=True)
+        folder = resolve(model_name(args))
+        config_path = inside(folder, "config.json")
+        config = read_json(config_path, required=True)
+        if kind_of(folder, config) == "llm":
+            # a *ForCausalLM checkpoint that is no sentence-embedding model (no Pooling module) is an LLM reranker
+            head = "llm reranker"
+            model = minibt.Reranker(folder, attn=args.attn, dtype=dtype_of(args), quantize=args.quantize)
+            tok = None
+        else:
+            # a *ForSequenceClassification checkpoint is served as a cross-encoder, any other as sentence embeddings
+            head = pick_head(config, "auto", SERVED_HEADS, config_path)
+            model = minibt.from_hub(folder, attn=args.attn, dtype=dtype_of(args), head=head, quantize=args.quantize)
+            tok = minibt.load_tokenizer(folder)
+        model_id = args.model_id or (str(args.model) if args.model else "sentence-transformers/all-MiniLM-L6-v2")
+        # loopback without a key: only this server's own names (DNS rebinding); a key or a public address: any Host
+        loopback = ipaddress.ip_address(host).is_loopback
+        hosts = [f"{name}:{port}" for name in LOOPBACK_NAMES] + (list(LOOPBACK_NAMES) if port == 80 else [])
+        # keep_memory: this process is the server's own, so the process-wide malloc setting is ours to make
+        asgi = app(model, tok, max_batch_tokens=args.max_batch_tokens,
+                   max_client_batch_size=args.max_client_batch_size,
+                   max_concurrent_requests=args.max_concurrent_requests, api_key=args.api_key,
+                   auto_truncate=args.auto_truncate, model_id=model_id, body_timeout=args.body_timeout,
+                   keep_memory=True, allowed_hosts=hosts if loopback and args.api_key is None else None)
+        if not args.no_access_log:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            access.addHandler(handler)
+            access.setLevel(logging.INFO)
+            access.propagate = False
+        connections = connection_limit(args.max_connections)
+        logging.getLogger("asyncio").addFilter(AcceptLimitLog())
+        protocol = guarded(AutoHTTPProtocol, args.header_timeout, connections)
+        # SIGTERM/SIGINT: uvicorn stops accepting, answers every request it has accepted, then runs the lifespan's end
+        server = uvicorn.Server(uvicorn.Config(asgi, http=protocol, log_level="warning", access_log=False,
+                                               timeout_keep_alive=args.keep_alive_timeout,
+                                               timeout_graceful_shutdown=None))
+        sock.listen(2048)
+        capped = "" if connections == args.max_connections else \
+            f"; at most {connections} connections (the process's open-file limit)"
+        print(f"minibt serve: {model_id} ({head}) ready on {url}{capped}", flush=True)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 def main(argv=None) -> None:

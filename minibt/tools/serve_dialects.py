@@ -50,6 +50,7 @@ class Ask:
     field: str                 # the body field they came from, named in errors
     answer: Callable           # (rows: (N, width) tensor, encodings) -> the response body
     prompt: str = ""           # put before every text (a sentence-embedding model's prompt)
+    query: str | None = None   # a rerank's query, which the app checks alone before pairing it with each text
 
 
 # ------------------------------------------------------------------------------ checks every dialect shares
@@ -159,7 +160,7 @@ class Rerank:
         return cls(query, docs, field, top_n, flag(body, "raw_scores", False), flag(body, back, False))
 
     def ask(self, answer) -> Ask:
-        return Ask([(self.query, d) for d in self.docs], self.field, answer)
+        return Ask([(self.query, d) for d in self.docs], self.field, answer, query=self.query)
 
     def ranked(self, logits) -> list:
         """(index, score) pairs, best first, the first top_n."""
