@@ -18,7 +18,7 @@ pytest.importorskip("uvicorn")
 
 import minibt  # noqa: E402
 from minibt.errors import InputError  # noqa: E402
-from minibt.tools import serve  # noqa: E402
+from minibt.tools import serve, serve_net  # noqa: E402
 from test_serve import cross_encoder_folder, output, server  # noqa: E402
 
 
@@ -363,7 +363,7 @@ def test_idle_and_half_open_sockets_cannot_starve_health(minilm):
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
     with server("--model", minilm, "--header-timeout", 60, preexec_fn=low_file_limit) as (url, proc):
         port = port_of(url)
-        assert f"at most {256 - serve.FD_RESERVE} connections" in output(proc)
+        assert f"at most {256 - serve_net.FD_RESERVE} connections" in output(proc)
         socks = []
         try:
             for i in range(300):
@@ -377,7 +377,7 @@ def test_idle_and_half_open_sockets_cannot_starve_health(minilm):
             r = httpx.post(url + "/embed", json={"inputs": "still here"}, timeout=30)
             assert r.status_code == 200
             status, body = read_response(socks[1])          # among the oldest: closed to make room, and told so
-            assert status == 503 and f"--max-connections {256 - serve.FD_RESERVE}" in body["error"]
+            assert status == 503 and f"--max-connections {256 - serve_net.FD_RESERVE}" in body["error"]
             assert closed_within(socks[0], 5) < 5
         finally:
             for s in socks:

@@ -4,12 +4,13 @@ Three parts, each in its own file:
     serve.py           the app: routes, API key, body limits, admission (429), metrics, the command line
     serve_dialects.py  one adapter per client dialect (TEI, OpenAI, Infinity): parse a body, render the answer
     serve_engine.py    the engine: the queue and the one worker thread that batches every queued request's rows
+    serve_net.py       under the `minibt serve` command: the socket, header timeout and connection limit
 
 A request to a model route goes: the Host (loopback without a key) and the key -> read the JSON body (bounded in
 size and time) -> the dialect parses it -> a slot of --max-concurrent-requests (429), held until the answer ->
 tokens (here, on the event loop; big inputs on a thread) -> the engine's queue -> the dialect renders the rows ->
 bytes. Below the app, the
-`minibt serve` command bounds connections themselves (`guarded`): headers must arrive in time and idle or half-open
+`minibt serve` command bounds connections themselves (serve_net.guarded): headers must arrive in time and idle or half-open
 connections cannot fill the server. Starlette + uvicorn (the `serve` extra) are imported only here, never by
 `import minibt`.
 """
@@ -18,12 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import http
 import ipaddress
 import json
 import logging
 import math
-import socket
 import sys
 import time
 from collections import Counter
@@ -45,7 +44,6 @@ PAYLOAD_LIMIT = 2_000_000            # bytes, as TEI
 TOKENIZE_INLINE_CHARS = 20_000       # characters of one request tokenised on the event loop; more: on a thread
 TOKENIZE_MAX_TOKENS = 65_536         # tokens in one /tokenize answer (~5 MB of JSON); at least one whole model input
 BODY_TIMEOUT = 30.0                  # seconds for a client to send its whole request body (408 after)
-FD_RESERVE = 64                      # files the process keeps for itself (model files, logs, the worker)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 DISCONNECT_POLL = 0.2                # seconds between checks that a waiting request's client is still there
 SERVED_HEADS = ("base", "sequence-classification")
@@ -514,140 +512,6 @@ def app(model, tokenizer=None, *, max_batch_tokens: int = 16384, max_client_batc
                    keep_memory=keep_memory, allowed_hosts=allowed_hosts).asgi()
 
 
-# ---------------------------------------------------------------------------------------------- connections
-
-def raw_answer(transport, status: int, message: str, kind: str) -> None:
-    """An error answer written straight to a connection that has no request the app could answer; then closed."""
-    body = render({"error": message, "error_type": kind})
-    transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                    b"connection: close\r\n\r\n%s" % (status, http.HTTPStatus(status).phrase.encode(), len(body), body))
-    transport.close()
-
-
-def guarded(base, header_timeout: float, max_connections: int):
-    """uvicorn's HTTP protocol class `base` with the two bounds a local service needs that uvicorn lacks (nginx has
-    both): a request's headers must be complete within header_timeout seconds of the connection opening or of the
-    request's first byte (then 408 and closed; a connection that sent nothing is closed), and at most
-    max_connections are open: one more closes the longest-waiting connection with no request running, or is
-    answered 503 when every one is running a request. So idle and half-open sockets cannot starve /health.
-    Idle kept-alive connections are closed by uvicorn (--keep-alive-timeout)."""
-    class Guarded(base):
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self.partial, self.timer = False, None
-            self.arm()
-            if len(self.connections) > max_connections:
-                # (one already closing stays in the set until its close has run: not picked twice)
-                waiting = [c for c in self.connections
-                           if c is not self and c.waiting() and not c.transport.is_closing()]
-                if waiting:
-                    min(waiting, key=lambda c: c.since).expire(
-                        503, f"closed to make room for a new connection (--max-connections {max_connections}) "
-                             "before this request's headers were complete")
-                else:
-                    raw_answer(transport, 503, f"every one of the server's {max_connections} connections is "
-                                               "running a request: try again", "Overloaded")
-
-        def waiting(self) -> bool:
-            """No request running: before the first one's headers are complete, or after an answer."""
-            return self.cycle is None or self.cycle.response_complete
-
-        def arm(self):
-            if self.timer is not None:
-                self.timer.cancel()
-            self.since = time.monotonic()
-            self.timer = self.loop.call_later(header_timeout, self.expire)
-
-        def data_received(self, data):
-            if self.waiting():                      # bytes of a request whose headers are not all here yet
-                if self.timer is None:
-                    self.arm()
-                self.partial = True
-            super().data_received(data)
-
-        def expire(self, status=408, why=None):
-            """Close a connection with no request running; one that has sent part of a request is told why."""
-            if self.timer is not None:
-                self.timer.cancel()                 # when called to make room, not by the timer
-            self.timer = None
-            if not self.waiting() or self.transport.is_closing():
-                return                              # its request is running: the body has --body-timeout
-            if self.partial:
-                why = why or f"the request's headers did not arrive within {header_timeout:g} s (--header-timeout)"
-                raw_answer(self.transport, status, why, "Timeout" if status == 408 else "Overloaded")
-            else:
-                self.transport.close()
-
-        def on_response_complete(self):
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer, self.partial, self.since = None, False, time.monotonic()
-            super().on_response_complete()
-
-        def connection_lost(self, exc):
-            if self.timer is not None:
-                self.timer.cancel()
-            super().connection_lost(exc)
-    return Guarded
-
-
-def connection_limit(wanted: int) -> int:
-    """--max-connections, kept FD_RESERVE below the open-file limit (raised towards the hard limit if need be):
-    past that limit accept() fails and every client, /health's too, waits."""
-    try:
-        import resource
-    except ImportError:                             # not on Unix
-        return wanted
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    if soft < wanted + FD_RESERVE:
-        target = wanted + FD_RESERVE if hard == resource.RLIM_INFINITY else min(wanted + FD_RESERVE, hard)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    return max(1, min(wanted, soft - FD_RESERVE))
-
-
-class AcceptLimitLog(logging.Filter):
-    """asyncio logs a traceback for each accept() that finds no free file (on a connection flood, before the
-    `guarded` limit has closed idle connections to make room: it retries a second later), as many as the listen
-    backlog at once. This keeps one line a minute of them."""
-
-    def __init__(self):
-        super().__init__()
-        self.last = -math.inf
-
-    def filter(self, record) -> bool:
-        if not str(record.msg).startswith("socket.accept() out of system resource"):
-            return True
-        if time.monotonic() - self.last < 60:
-            return False
-        self.last = time.monotonic()
-        record.msg, record.args, record.exc_info, record.exc_text = (
-            "minibt serve: out of open files accepting connections; idle ones are closed to make room", (), None, None)
-        return True
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the model loads (a taken port is one line at once, not after minutes of
-    loading) and listening only once it is ready (until then a client is refused, not left waiting)."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise InputError(f"--host {host!r}: {getattr(e, 'strerror', None) or e}") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise InputError(f"cannot listen on {where}: {e.strerror or e} (--host, --port)") from None
-    return sock
-
-
 # ------------------------------------------------------------------------------------------------ command line
 
 SERVE_OPTIONS = ("port", "max_batch_tokens", "max_client_batch_size", "max_concurrent_requests", "max_connections",
@@ -662,6 +526,8 @@ def run(args) -> None:
     try:
         import uvicorn
         from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+        from .serve_net import AcceptLimitLog, bind, connection_limit, guarded
     except ImportError:
         raise MinibtError("minibt serve needs starlette and uvicorn: pip install 'minibt[serve]'") from None
     import minibt
