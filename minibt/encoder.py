@@ -51,12 +51,11 @@ class Encoder:
         import torch.nn.functional as F
 
         from .embedding import PRECISIONS, as_requested, embed, quantize, truncate
+        from .tokenizer import text_list
         single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            raise InputError("encode() takes a str or a list of str")
+        texts = text_list(texts)                 # a str, or an iterable of str; anything else named
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size={batch_size}: must be at least 1")
+            raise InputError(f"batch_size={batch_size!r}: must be an integer >= 1")
         if precision not in PRECISIONS:
             raise InputError(f"precision={precision!r}: one of {', '.join(PRECISIONS)}")
         dims = truncate_dim if truncate_dim is not None else self.truncate_dim
