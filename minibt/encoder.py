@@ -39,7 +39,7 @@ class Encoder:
 
     def encode(self, texts, prompt_name: str | None = None, prompt: str | None = None, batch_size: int = 32, *,
                precision: str = "float32", convert_to_numpy: bool = True, convert_to_tensor: bool = False,
-               normalize_embeddings: bool = False, truncate_dim: int | None = None, batch_tokens: int = 4096):
+               normalize_embeddings: bool = False, truncate_dim: int | None = None, batch_tokens: int | None = None):
         """Vectors in the order of `texts`, as SentenceTransformer.encode computes them: the checkpoint's pipeline
         (pooling, Dense, LayerNorm, Normalize), then truncate_dim (else the Encoder's), then normalize_embeddings
         (L2), then precision ("float32", "int8", "uint8", "binary", "ubinary"; int8/uint8 calibrate each dimension

@@ -151,3 +151,21 @@ def test_backend_ignoring_the_mask_caught_on_an_unpadded_first_call(tiny):
         attention._REGISTRY.pop("honours-mask", None)
         bert.set_attention("auto")
 
+
+
+def test_default_batch_tokens_never_refuses(tiny, minilm, tmp_path):
+    """A model whose longest text is 8192 tokens (> 4096) embeds two short texts with the default budget; an explicit
+    budget below the longest text is still refused by name."""
+    import json
+    import shutil
+    folder = tmp_path / "long"
+    shutil.copytree(tiny("BertModel", vocab_size=30522, max_position_embeddings=8192)[0], folder)
+    for name in ("tokenizer.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder)
+    config = json.loads((minilm / "tokenizer_config.json").read_text()) | {"model_max_length": 8192}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    model, tok = minibt.from_hub(folder), minibt.load_tokenizer(folder)
+    assert minibt.embed(model, tok, ["a", "b"]).shape == (2, 32)
+    assert minibt.Encoder(folder).encode(["a", "b"]).shape == (2, 32)
+    with pytest.raises(InputError, match="batch_tokens=4096 is below the longest possible text"):
+        minibt.embed(model, tok, ["a"], batch_tokens=4096)

@@ -56,7 +56,7 @@ class Embedder:
     """A `map_batches` callable: the model is loaded once per actor, each batch (a pyarrow Table) comes back with an
     `embedding` column."""
 
-    def __init__(self, model: str, *, attn: str = "auto", dtype=None, column: str = "text", batch_tokens: int = 4096):
+    def __init__(self, model: str, *, attn: str = "auto", dtype=None, column: str = "text", batch_tokens: int | None = None):
         import torch
         import minibt
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
@@ -162,7 +162,7 @@ def default_actors(num_cpus: float) -> int:
 # ---------------------------------------------------------------------------------------------- Python API
 
 def embed_dataset(ds: ray.data.Dataset, model: str, column: str = "text", *, actors: int | None = None,
-                  num_cpus: float = 1, batch_size: int = 512, batch_tokens: int = 4096, attn: str = "auto",
+                  num_cpus: float = 1, batch_size: int = 512, batch_tokens: int | None = None, attn: str = "auto",
                   dtype=None, count_nulls: bool = True) -> ray.data.Dataset:
     """`ds` with an `embedding` column (fixed-size list of float32, the model's width) from `column`; lazy, like
     every Ray Data transform. `actors`: size of the actor pool (default: the cluster's CPUs but one, each actor
@@ -254,7 +254,7 @@ def connect(address: str | None, num_cpus: int | None = None, timeout: float = 1
 
 def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, address: str | None = None,
                  actors: int | None = None, num_cpus: float = 1, shard_rows: int = 4096, keep_text: bool = False,
-                 resume: bool = False, attn: str = "auto", dtype=None, batch_tokens: int = 4096,
+                 resume: bool = False, attn: str = "auto", dtype=None, batch_tokens: int | None = None,
                  progress: bool = True) -> dict:
     """Embed every line of `sources` (in order; ids count lines from 0 across them) into Parquet shards in `out`
     (`id`, `text` with keep_text, `embedding`). resume=True skips the shards already written completely.
