@@ -374,14 +374,18 @@ def prompt_length(tok, prompt: str) -> int:
     return len(enc.ids) - (1 if enc.special_tokens_mask and enc.special_tokens_mask[-1] else 0)
 
 
+BATCH_TOKENS = 4096        # the default token budget of one forward (measured), raised to a model's longest text
+
+
 @torch.inference_mode()
-def embed(model, tok, texts, batch_size: int | None = None, batch_tokens: int = 4096, keep_memory: bool = False, *,
-          prompt_name: str | None = None, prompt: str | None = None, truncate_dim: int | None = None,
-          pipeline: Pipeline | None = None) -> torch.Tensor:
+def embed(model, tok, texts, batch_size: int | None = None, batch_tokens: int | None = None,
+          keep_memory: bool = False, *, prompt_name: str | None = None, prompt: str | None = None,
+          truncate_dim: int | None = None, pipeline: Pipeline | None = None) -> torch.Tensor:
     """(N, width) float32 vectors in the order of `texts` (a list of strings; a single string is one text: (1, width)),
     through the checkpoint's sentence-transformers pipeline (module docstring). prompt / prompt_name: the text put
     before each input (the checkpoint's default prompt when neither is given); truncate_dim: keep the first values.
-    Texts longer than max_seq_length are truncated to it, as sentence-transformers does. keep_memory=True tells
+    Texts longer than max_seq_length are truncated to it, as sentence-transformers does. batch_tokens caps rows x
+    longest row of one forward (None: 4096, or the longest possible text when that is longer). keep_memory=True tells
     glibc's malloc to keep freed activation memory for reuse, process-wide (kernels/malloc.py); off unless asked."""
     texts = text_list(texts)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -391,6 +395,8 @@ def embed(model, tok, texts, batch_size: int | None = None, batch_tokens: int = 
     pipeline = pipeline or Pipeline.read(model.source, model.config.hidden_size)
     check_dim(truncate_dim, pipeline.width)                                     # before any work
     limit = text_limit(model, tok, pipeline)
+    if batch_tokens is None:                        # the default never refuses: at least the longest possible text
+        batch_tokens = max(BATCH_TOKENS, limit)
     if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < limit:
         raise InputError(f"batch_tokens={batch_tokens} is below the longest possible text ({limit} tokens, "
                          "max_seq_length): raise it")

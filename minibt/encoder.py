@@ -39,7 +39,7 @@ class Encoder:
 
     def encode(self, texts, prompt_name: str | None = None, prompt: str | None = None, batch_size: int = 32, *,
                precision: str = "float32", convert_to_numpy: bool = True, convert_to_tensor: bool = False,
-               normalize_embeddings: bool = False, truncate_dim: int | None = None, batch_tokens: int = 4096):
+               normalize_embeddings: bool = False, truncate_dim: int | None = None, batch_tokens: int | None = None):
         """Vectors in the order of `texts`, as SentenceTransformer.encode computes them: the checkpoint's pipeline
         (pooling, Dense, LayerNorm, Normalize), then truncate_dim (else the Encoder's), then normalize_embeddings
         (L2), then precision ("float32", "int8", "uint8", "binary", "ubinary"; int8/uint8 calibrate each dimension
@@ -51,12 +51,11 @@ class Encoder:
         import torch.nn.functional as F
 
         from .embedding import PRECISIONS, as_requested, embed, quantize, truncate
+        from .tokenizer import text_list
         single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            raise InputError("encode() takes a str or a list of str")
+        texts = text_list(texts)                 # a str, or an iterable of str; anything else named
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size={batch_size}: must be at least 1")
+            raise InputError(f"batch_size={batch_size!r}: must be an integer >= 1")
         if precision not in PRECISIONS:
             raise InputError(f"precision={precision!r}: one of {', '.join(PRECISIONS)}")
         dims = truncate_dim if truncate_dim is not None else self.truncate_dim

@@ -7,28 +7,64 @@ from .attention import KVCache, check_mask
 from .errors import InputError
 
 
-def check_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed):
-    """Each generation argument in its range; the error names the argument and the range."""
+MIN_TEMPERATURE = 1e-4      # below it, sampling is greedy decoding in all but name (and logits / T overflow)
+
+
+def check_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed) -> float:
+    """Each generation argument in its range; the error names the argument and the range. Returns the temperature
+    as a float (an integer beyond float's range is refused, one within it converted)."""
     def bad(name, value, rule):
-        raise InputError(f"{name}={value!r}: {rule}")
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:40] + f"... ({len(repr(value))} characters)"
+        raise InputError(f"{name}={shown}: {rule}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         bad("max_new_tokens", max_new_tokens, "must be an integer >= 0")
-    if not isinstance(temperature, (int, float)) or not temperature == temperature or temperature == float("inf"):
+    if not isinstance(do_sample, bool):
+        bad("do_sample", do_sample, "must be True or False (a bool; a string such as 'False' is not)")
+    try:
+        t = float(temperature) if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) else None
+    except OverflowError:
+        t = None
+    if t is None or t != t or t in (float("inf"), float("-inf")):
         bad("temperature", temperature, "must be a finite number")
-    if do_sample and temperature <= 0:
-        bad("temperature", temperature, "must be > 0 when sampling")
+    if do_sample and t < MIN_TEMPERATURE:
+        bad("temperature", temperature, f"must be >= {MIN_TEMPERATURE} when sampling (below it sampling picks the "
+                                        "most likely token: use do_sample=False)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         bad("top_k", top_k, "must be an integer >= 1 (or None)")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         bad("top_p", top_p, "must be in (0, 1] (or None)")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        bad("seed", seed, "must be an integer >= 0 (or None)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        bad("seed", seed, "must be an integer in [0, 2**64) (or None)")
+    return t
+
+
+def check_model(model):
+    """generate needs a decoder with its LM head (head="causal-lm"): a base-head one has no logits to pick from."""
+    if not getattr(model, "causal", False):
+        raise InputError(f"generate needs a decoder (OPT or Llama); this is a {model.family} encoder")
+    if getattr(model, "lm_head", None) is None:
+        raise InputError(f"generate needs the causal-LM head; this {model.family} was loaded with head="
+                         f"{getattr(model, 'head', None)!r} (no logits): load it with head='causal-lm'")
+
+
+def check_token_ids(name, value, vocab_size: int, many: bool):
+    """eos_token_id (an id or a list of ids; many=True) or pad_token_id (one id), each an int in the vocabulary."""
+    ids = value if many and isinstance(value, (list, tuple, set, frozenset)) else [value]
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise InputError(f"{name}={value!r}"[:100] + f": must be {'an id or a list of ids' if many else 'an id'}, "
+                             f"integers in [0, {vocab_size}) (the vocabulary)")
+    return value
 
 
 def left_pad(input_ids, attention_mask):
     """Decoders continue each row from its last column, so prompts must be left-padded. Right- or holey-padded
     rows are repacked (their real tokens moved, in order, to the right end), never continued from padding."""
     mask = attention_mask.bool()
+    empty = (~mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(f"attention_mask rows {empty[:10]} are padding only: each prompt row needs at least one "
+                         "real token (a row is never continued from nothing)")
     if not bool((mask[:, 1:] < mask[:, :-1]).any()):          # every row: padding only before its real tokens
         return input_ids, attention_mask
     b, s = input_ids.shape
@@ -64,8 +100,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
     """(B, S) prompts, left-padded (right padding is repacked to the left) -> (B, S + new). Rows that produced eos_token_id are padded with pad_token_id
     afterwards, and generation stops when every row has. eos/pad default to the checkpoint's generation_config.json
     or config.json (pass eos_token_id=[] to never stop early). `streamer(ids)` gets each step's (B,) tokens."""
-    if not getattr(model, "causal", False):
-        raise InputError(f"generate needs a decoder (OPT or Llama); this is a {model.family} encoder")
+    check_model(model)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise InputError("generate needs input_ids as a (batch, prompt length) tensor")
     b, s = input_ids.shape
@@ -73,7 +108,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
         raise InputError("generate needs a prompt of at least one token")
     attention_mask = check_mask(attention_mask, input_ids.shape, device=input_ids.device)
     input_ids, attention_mask = left_pad(input_ids, attention_mask)
-    check_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
+    temperature = check_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
     limit = model.max_length()
     if s + max_new_tokens > limit:
         raise InputError(f"prompt ({s} tokens) + max_new_tokens ({max_new_tokens}) = {s + max_new_tokens} exceeds "
@@ -81,9 +116,13 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
     defaults = model.generation                     # config.json, then generation_config.json (loading.py)
     if eos_token_id is None:
         eos_token_id = defaults.get("eos_token_id")
+    else:
+        check_token_ids("eos_token_id", eos_token_id, model.config.vocab_size, True)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     if pad_token_id is None:
         pad_token_id = defaults.get("pad_token_id")
+    else:
+        check_token_ids("pad_token_id", pad_token_id, model.config.vocab_size, False)
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)     # as transformers: pad with eos
     generator = None
     if seed is not None:

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import kernels
 from .config import Fields, read_json
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, InputError
 from .hub import inside, resolve
 from .kernels import quantize as quantization
 from .kernels.malloc import release_freed_memory
@@ -44,6 +44,7 @@ REPORT_LIMIT = 30          # problems listed by name per kind in a CheckpointErr
 
 def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, head="auto", compile=False,
          optimize=True, quantize=None):
+    device = check_device(device)
     folder = resolve(name_or_path, revision)
     config_path = inside(folder, "config.json")
     config = read_json(config_path, required=True)
@@ -200,6 +201,24 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "float64": torch.float64}
 
 
+def check_device(device) -> torch.device:
+    """A device torch knows and this machine has (cpu, cuda[:i], mps, ...); an InputError names it otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InputError(f"device={device!r}: not a device torch knows ({str(e).splitlines()[0][:160]})") from None
+    if dev.type == "cpu":
+        return dev
+    module = getattr(torch, dev.type, None)
+    available = getattr(module, "is_available", None) if dev.type != "mps" else torch.backends.mps.is_available
+    count = getattr(module, "device_count", None)
+    if available is None or not available():
+        raise InputError(f"device={device!r}: no {dev.type} device on this machine (use 'cpu')")
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise InputError(f"device={device!r}: this machine has {count()} {dev.type} device(s), numbered from 0")
+    return dev
+
+
 def pick_dtype(requested, config: dict, device) -> torch.dtype:
     """None: the checkpoint's dtype (`dtype`, or `torch_dtype` in older configs), fp32 if absent."""
     value = requested if requested is not None else config.get("dtype", config.get("torch_dtype")) or "float32"
@@ -207,9 +226,10 @@ def pick_dtype(requested, config: dict, device) -> torch.dtype:
         if value.removeprefix("torch.") not in _DTYPES:
             raise ConfigError(f"unknown dtype {value!r}; use one of {', '.join(sorted(_DTYPES))}")
         value = _DTYPES[value.removeprefix("torch.")]
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ConfigError(f"dtype must be a floating-point torch dtype or one of {', '.join(sorted(_DTYPES))}, "
-                          f"got {value!r}")
+    if not isinstance(value, torch.dtype) or value not in _DTYPES.values():
+        raise ConfigError(f"dtype must be float32, bfloat16, float16 or float64 (or one of {', '.join(sorted(_DTYPES))}),"
+                          f" got {value!r}" + ("; float8 weights are not computed in: quantize='int8' or 'int4' "
+                                               "makes small weights" if "float8" in str(value) else ""))
     if value == torch.float16 and torch.device(device).type == "cpu":
         warnings.warn("float16 matmuls on CPU are ~1000x slower than bfloat16 here; use bfloat16",
                       stacklevel=3)

@@ -96,6 +96,8 @@ class Tokenizer:
 
     def pad(self, encs, padding_side="right") -> dict:
         """Encodings (from encode) -> padded tensors: input_ids, attention_mask (+ token_type_ids)."""
+        if padding_side not in ("right", "left"):
+            raise InputError(f"padding_side={padding_side!r}: must be 'right' or 'left'")
         width = max((len(e.ids) for e in encs), default=0)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
         ids = torch.full((len(encs), width), pad, dtype=torch.long)

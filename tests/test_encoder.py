@@ -41,5 +41,5 @@ def test_normalize_and_options(tiny, minilm, tmp_path):
     assert np.allclose(unit, plain / np.linalg.norm(plain), atol=1e-6)
     with pytest.raises(minibt.errors.InputError, match="batch_size"):
         raw.encode(["x"], batch_size=0)
-    with pytest.raises(minibt.errors.InputError, match="str or a list of str"):
+    with pytest.raises(minibt.errors.InputError, match=r"texts\[0\] is a int, not a string"):
         raw.encode([1, 2])

@@ -127,6 +127,75 @@ def test_corpus_to_shards_then_resume(cluster, minilm, reference, tmp_path, caps
     assert read_shards(out).equals(table)
 
 
+def test_resume_refuses_what_embed_file_refuses(cluster, minilm, tmp_path):
+    """--resume on Ray checks what `embed --file --resume` checks: the model and its dtype, the input's content (an
+    edit that keeps the size), each shard's ids against its name; --out faults are one typed error each. Every refusal
+    leaves the finished shards as they were."""
+    texts = real_texts(30)
+    src = corpus_file(tmp_path / "corpus.txt", texts)
+    out = tmp_path / "out"
+    run = dict(shard_rows=10, actors=1, progress=False)
+    assert mray.embed_corpus([src], out, str(minilm), **run)["shards_written"] == 3
+    shards = {f.name: f.read_bytes() for f in out.glob("part-*.parquet")}
+
+    def unchanged():
+        return {f.name: f.read_bytes() for f in out.glob("part-*.parquet")} == shards
+
+    with pytest.raises(InputError, match="dtype.*float32.*bfloat16"):                # fp32 and bf16 rows never mixed
+        mray.embed_corpus([src], out, str(minilm), resume=True, dtype="bfloat16", **run)
+    data = src.read_bytes()
+    edited = data.replace(texts[4].encode(), texts[4].encode().swapcase(), 1)
+    assert len(edited) == len(data) and edited != data
+    src.write_bytes(edited)                                                        # same size, other content
+    with pytest.raises(InputError, match=r"_minibt.json: .*input \(paths, sizes or content\)"):
+        mray.embed_corpus([src], out, str(minilm), resume=True, **run)
+    src.write_bytes(data)
+    assert unchanged()
+    stray = out / "part-00001.parquet"
+    stray.write_bytes(shards["part-00000.parquet"])                                # ids 0..9 under shard 1's name
+    with pytest.raises(InputError, match=r"part-00001.parquet: holds ids 0..9 \(10 rows\), not ids 10..19"):
+        mray.embed_corpus([src], out, str(minilm), resume=True, **run)
+    stray.write_bytes(b"PAR1 not parquet")
+    with pytest.raises(InputError, match="part-00001.parquet: not a readable shard"):
+        mray.embed_corpus([src], out, str(minilm), resume=True, **run)
+    stray.write_bytes(shards["part-00001.parquet"])
+    s = mray.embed_corpus([src], out, str(minilm), resume=True, **run)              # intact: nothing to redo
+    assert (s["shards_skipped"], s["embedded"]) == (3, 0) and unchanged()
+
+    (out / "_minibt.json").write_text('{"sources": [')                              # damaged manifest
+    with pytest.raises(InputError, match="_minibt.json: not valid JSON"):
+        mray.embed_corpus([src], out, str(minilm), resume=True, **run)
+    (out / "_minibt.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="_minibt.json: must hold a JSON object"):
+        mray.embed_corpus([src], out, str(minilm), resume=True, **run)
+    assert unchanged()
+    afile = corpus_file(tmp_path / "afile", ["x"])
+    with pytest.raises(InputError, match="afile: is a file"):                      # --out naming a file
+        mray.embed_corpus([src], afile, str(minilm), **run)
+    with pytest.raises(InputError, match="afile/sub: cannot write there"):          # a place no folder can be made
+        mray.embed_corpus([src], afile / "sub", str(minilm), **run)
+    assert afile.read_text() == "x\n"
+
+
+def test_an_address_with_no_cluster_fails_fast(tmp_path):
+    """`embed --ray HOST:PORT` with nothing listening: one MinibtError naming the address within the timeout, before
+    the model loads or --out is made (ray.init would wait on it without end)."""
+    port = _free_port()
+    start = time.monotonic()
+    with pytest.raises(minibt.MinibtError, match=f"--ray 127.0.0.1:{port}: no Ray cluster answers there"):
+        mray.check_address(f"127.0.0.1:{port}", timeout=2)
+    assert time.monotonic() - start < 5
+    src = corpus_file(tmp_path / "c.txt", ["a"])
+    code = (f"import sys; from minibt.tools import cli; sys.exit(cli.main(['embed', '--ray', '127.0.0.1:{port}', "
+            f"'--file', {str(src)!r}, '--out', {str(tmp_path / 'o')!r}, '--model', 'no-such-model-loaded']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=os.environ | {"RAY_AUTH_MODE": "disabled"})
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"minibt: error: --ray 127.0.0.1:{port}: no Ray cluster answers there (Connection refused); start one with "
+        "`ray start --head`, or give its HOST:PORT"], r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def crash_once(monkeypatch, actor: type, marker: Path, after_temp_file: bool = False) -> None:
     """Ray Data runs minibt's actor class `actor` as a subclass whose process exits as a crash would, once in the
     whole run (the first process to create `marker`): after a batch's work and before its answer, or with

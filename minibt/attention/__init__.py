@@ -22,6 +22,7 @@ Model code makes a `Batch` and calls `batch.attend(...)`; it never branches on w
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,13 +72,34 @@ def register(name: str, fn: Callable, *, packed: bool = False, probs: bool = Fal
 
 
 def _checked(name: str, fn: Callable, numbers: bool) -> Callable:
-    """Wrap a user backend so that its first call is compared with the spec."""
+    """Wrap a user backend so that its first call is compared with the spec. When that call has no padding, the
+    backend is also run once on the same q, k, v with padding (row 0's first half of keys masked), so that one
+    which ignores the mask is caught even when the first batch a model sees is unpadded."""
     state = {"checked": False}
 
-    def attend(q, k, v, *, mask, scale, **kwargs):
+    def call(q, k, v, mask, scale, kwargs):
         out = fn(q, k, v, mask=mask, scale=scale, **kwargs)
+        return out, (out[0] if kwargs.get("return_probs") and isinstance(out, tuple) else out)
+
+    def compare(got, q, k, v, mask, scale, rows, where):
+        from .testing import TOLERANCE
+        with torch.no_grad():
+            want = naive(q, k, v, mask=mask, scale=scale)
+            diff = (got.float() - want.float()).abs()
+            if rows is not None:                        # a padded probe: only the real queries' outputs count
+                diff = diff[rows]
+            err = float(diff.max()) if diff.numel() else 0.0
+            scale_ = float(want.abs().max()) if want.numel() else 1.0
+        limit = TOLERANCE.get(q.dtype, 3e-2) * max(1.0, scale_)
+        if not err <= limit:
+            raise BackendError(f"attention backend {name!r} differs from the naive spec by {err:.2e} "
+                               f"(limit {limit:.0e}) at its first call{where}, q {tuple(q.shape)} {q.dtype}: check "
+                               "its output layout (B, Hq, Sq, D) and mask handling (mask.key_padding: False = "
+                               "padding), or register(..., check=False) for a deliberately approximate backend")
+
+    def attend(q, k, v, *, mask, scale, **kwargs):
+        out, got = call(q, k, v, mask, scale, kwargs)
         if not state["checked"]:
-            got = out[0] if kwargs.get("return_probs") and isinstance(out, tuple) else out
             want_shape = (*q.shape[:3], v.shape[3])
             if not hasattr(got, "shape") or tuple(got.shape) != want_shape or got.dtype != q.dtype:
                 shape = tuple(got.shape) if hasattr(got, "shape") else type(got).__name__
@@ -85,17 +107,19 @@ def _checked(name: str, fn: Callable, numbers: bool) -> Callable:
                                    f"it must return q's shape with v's head dim, (B, Hq, Sq, Dv) = {want_shape}, "
                                    f"and dtype {q.dtype}")
             if numbers:
-                from .testing import TOLERANCE
-                with torch.no_grad():
-                    want = naive(q, k, v, mask=mask, scale=scale)
-                    err = float((got.float() - want.float()).abs().max()) if want.numel() else 0.0
-                    scale_ = float(want.abs().max()) if want.numel() else 1.0
-                limit = TOLERANCE.get(q.dtype, 3e-2) * max(1.0, scale_)
-                if not err <= limit:
-                    raise BackendError(f"attention backend {name!r} differs from the naive spec by {err:.2e} "
-                                       f"(limit {limit:.0e}) at its first call, q {tuple(q.shape)} {q.dtype}: check "
-                                       "its output layout (B, Hq, Sq, D) and mask handling, or register(..., "
-                                       "check=False) for a deliberately approximate backend")
+                compare(got, q, k, v, mask, scale, None, "")
+                skv = k.shape[2]
+                if mask.key_padding is None and mask.cu_seqlens is None and skv >= 2:
+                    probe = copy.copy(mask)
+                    probe._cache = {}
+                    probe.key_padding = torch.ones(k.shape[0], skv, dtype=torch.bool, device=k.device)
+                    probe.key_padding[0, : skv // 2] = False
+                    real = probe.key_padding[:, mask.q_offset: mask.q_offset + q.shape[2]]     # (B, Sq)
+                    with torch.no_grad():
+                        _, padded = call(q, k, v, probe, scale, kwargs)
+                    rows = real[:, None, :].expand(q.shape[0], q.shape[1], q.shape[2])
+                    compare(padded, q, k, v, probe, scale, rows, f" on a padded input (row 0's first {skv // 2} "
+                                                                 "keys masked)")
             state["checked"] = True
         return out
     attend.__name__ = getattr(fn, "__name__", name)
@@ -151,7 +175,7 @@ def use(model, name: str) -> Backend:
 
 
 from .auto import auto  # noqa: E402
-from .batch import INT_DTYPES, Batch, Packing, check_ids, check_mask, check_positions  # noqa: E402
+from .batch import INT_DTYPES, Batch, Packing, cache_length, check_ids, check_mask, check_positions  # noqa: E402
 from .cache import KVCache  # noqa: E402
 from .flash import flash  # noqa: E402
 from .flex_attention import flex  # noqa: E402
@@ -172,5 +196,5 @@ _REGISTRY.update({
 })
 
 __all__ = ["AttnMask", "RelativeBias", "VARIANTS", "CAPABILITIES", "Backend", "Batch", "KVCache", "Packing", "backends", "functions", "get", "register",
-           "register_transform", "for_call", "use", "INT_DTYPES", "check_ids", "check_mask", "check_positions",
+           "register_transform", "for_call", "use", "INT_DTYPES", "check_ids", "check_mask", "check_positions", "cache_length",
            "naive", "sdpa", "flash", "varlen", "tiled", "flex", "auto"]

@@ -59,11 +59,33 @@ def check_mask(attention_mask, shape, what: str = "input_ids shape", device=None
     return attention_mask.long()
 
 
-def check_positions(position_ids, shape):
-    """Caller-given position ids: input_ids' shape."""
+def check_positions(position_ids, shape, max_length: int | None = None):
+    """Caller-given position ids: an integer tensor of input_ids' shape, each in [0, max_length)."""
+    if not isinstance(position_ids, torch.Tensor):
+        raise InputError(f"position_ids must be a torch.Tensor of integer positions, got {type(position_ids).__name__}")
+    if position_ids.dtype not in INT_DTYPES:
+        raise InputError(f"position_ids must hold integer positions, got dtype {position_ids.dtype}")
     if tuple(position_ids.shape) != tuple(shape):
         raise InputError(f"position_ids shape {tuple(position_ids.shape)} does not match input_ids {tuple(shape)}")
+    if max_length is not None and position_ids.numel():
+        low, high = int(position_ids.min()), int(position_ids.max())
+        if low < 0 or high >= max_length:
+            raise InputError(f"position_ids hold {low if low < 0 else high}, outside the model's positions "
+                             f"[0, {max_length}) (max_position_embeddings in config.json)")
     return position_ids
+
+
+def cache_length(past_key_values) -> int:
+    """Positions already in `past_key_values`: None (no cache) or minibt's KVCache (KVCache.for_model); the tuples
+    of other libraries are refused by name, not read."""
+    from .cache import KVCache
+    if past_key_values is None:
+        return 0
+    if not isinstance(past_key_values, KVCache):
+        raise InputError(f"past_key_values must be a minibt KVCache (minibt.attention.KVCache.for_model(model, batch, "
+                         f"capacity)) or None, got {type(past_key_values).__name__}; transformers' tuples and Cache "
+                         "objects are not read")
+    return past_key_values.length
 
 
 # ---------------------------------------------------------------------------------------------- packing

@@ -17,6 +17,20 @@ import torch
 from ..errors import InputError
 
 
+def memory_of(device) -> int | None:
+    """Total bytes of `device`'s memory (RAM for the CPU), None when unknown: a cache above it can never be made."""
+    device = torch.device(device)
+    try:
+        if device.type == "cpu":
+            import os
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
 class KVCache:
     """Per layer, keys and values of (B, Hkv, slots, D): `capacity` slots, or W for a layer with a window of W."""
 
@@ -25,8 +39,19 @@ class KVCache:
         windows = list(windows or [None] * layers)
         self.ring = [None if w is None or w[0] is None or w[0] + 1 >= capacity else w[0] + 1 for w in windows]
         slots = [capacity if r is None else r for r in self.ring]
-        self.k = [torch.zeros(batch, kv_heads, n, head_dim, dtype=dtype, device=device) for n in slots]
-        self.v = [torch.zeros_like(t) for t in self.k]
+        need = 2 * sum(slots) * batch * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        have = memory_of(device)
+        what = (f"a KV cache of {need / 2**30:.1f} GiB ({layers} layers x keys and values x batch {batch} x "
+                f"{kv_heads} heads x {max(slots)} positions x head dim {head_dim}, {dtype})")
+        if have is not None and need > have:
+            raise InputError(f"{what} is more than the device's {have / 2**30:.1f} GiB of memory: lower the batch "
+                             "or max_new_tokens")
+        try:
+            self.k = [torch.zeros(batch, kv_heads, n, head_dim, dtype=dtype, device=device) for n in slots]
+            self.v = [torch.zeros_like(t) for t in self.k]
+        except (RuntimeError, MemoryError) as e:     # torch.OutOfMemoryError is a RuntimeError
+            raise InputError(f"{what} could not be allocated ({str(e).splitlines()[0][:200]}): lower the batch or "
+                             "max_new_tokens") from None
         self.capacity = capacity
         self.filled = [0] * layers                 # positions each layer holds
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Batch, check_ids, check_mask
+from ..attention import Batch, cache_length, check_ids, check_mask
 from ..config import Fields
 from ..errors import ConfigError
 from .common import CausalLM, Output
@@ -156,7 +156,7 @@ class Bloom(CausalLM):
         if position_ids is not None:
             raise ConfigError("BLOOM has no position ids (ALiBi penalises distances between tokens); pass none")
         cache = past_key_values
-        past = cache.length if cache is not None else 0
+        past = cache_length(cache)
         check_ids(input_ids, vocab_size=self.config.vocab_size, max_length=self.max_length())
         b, s = input_ids.shape
         mask = check_mask(attention_mask, (b, past + s), "(batch, cached + new tokens)", input_ids.device)

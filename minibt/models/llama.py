@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..attention import Batch, check_ids, check_mask, check_positions
+from ..attention import Batch, cache_length, check_ids, check_mask, check_positions
 from ..config import Fields
 from ..errors import ConfigError
 from .common import ACTIVATIONS, CausalLM, Output, activation
@@ -316,13 +316,14 @@ class Llama(CausalLM):
         past_key_values: a KVCache (attention/cache.py) that this call reads and extends; last_only: the hidden
         state and logits of the last position only (generation's next token)."""
         cache = past_key_values
-        past = cache.length if cache is not None else 0
+        past = cache_length(cache)
         check_ids(input_ids, vocab_size=self.config.vocab_size, max_length=self.max_length() - past)
         b, s = input_ids.shape
         mask = check_mask(attention_mask, (b, past + s), "(batch, cached + new tokens)", input_ids.device)
         if position_ids is None:        # a row's first real token is position 0, whatever its left padding
             position_ids = (mask.cumsum(1) - 1).clamp(min=0)[:, past:]
-        check_positions(position_ids, (b, s))
+        else:
+            check_positions(position_ids, (b, s), self.max_length())
         batch = Batch(mask, (b, s), self.backend, causal=True, cache=cache, probs=output_attentions,
                       variants=self.variants)
 

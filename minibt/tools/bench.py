@@ -78,7 +78,17 @@ def load_contenders(spec: str | None):
             mod = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(mod)
         else:
-            mod = importlib.import_module(module)
+            # as `python -m` would: the current folder first, so `--with benchmarks.hf_contenders` works from a
+            # checkout when run as the `minibt` script (whose sys.path starts at the script's own folder)
+            here = os.getcwd()
+            added = here not in sys.path and "" not in sys.path
+            if added:
+                sys.path.insert(0, here)
+            try:
+                mod = importlib.import_module(module)
+            finally:
+                if added:
+                    sys.path.remove(here)
     except Exception as e:              # whatever the module raises while importing, say which and why
         hint = ("; outside a checkout pass the file itself, e.g. --with path/to/benchmarks/hf_contenders.py"
                 if module.startswith("benchmarks.") else "")

@@ -160,7 +160,7 @@ class Writer:
         self.progress_path.unlink()
 
 
-def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, batch_tokens=4096,
+def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, batch_tokens=None,
                progress=True, prompt_name=None, prompt=None, truncate_dim=None, precision="float32") -> int:
     """Embed every line of `source` (a path, or '-' for stdin) into `out`; returns the number of rows.
     prompt_name / prompt / truncate_dim: as minibt.embed; precision: float32, binary or ubinary (one bit per value,

@@ -21,15 +21,20 @@ exist. Lines follow `embed --file`'s rule, the one in minibt/tools/lines.py: row
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..config import read_json
 from ..errors import InputError, MinibtError
+from .embed_file import model_fingerprint
 from .lines import Lines, split
 from .progress import Progress
 
@@ -51,7 +56,7 @@ class Embedder:
     """A `map_batches` callable: the model is loaded once per actor, each batch (a pyarrow Table) comes back with an
     `embedding` column."""
 
-    def __init__(self, model: str, *, attn: str = "auto", dtype=None, column: str = "text", batch_tokens: int = 4096):
+    def __init__(self, model: str, *, attn: str = "auto", dtype=None, column: str = "text", batch_tokens: int | None = None):
         import torch
         import minibt
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
@@ -78,9 +83,9 @@ class Embedder:
 class ShardWriter(Embedder):
     """One call = one shard: read its lines from the source by byte range, embed, write part-NNNNN.parquet."""
 
-    def __init__(self, model: str, *, out: str, keep_text: bool, **kw):
+    def __init__(self, model: str, *, out: str, keep_text: bool, run: str = "", **kw):
         super().__init__(model, **kw)
-        self.out, self.keep_text = Path(out), keep_text
+        self.out, self.keep_text, self.run = Path(out), keep_text, run
 
     def __call__(self, batch: dict) -> dict:
         rows = []
@@ -95,7 +100,8 @@ class ShardWriter(Embedder):
             table = pa.table({"id": pa.array(np.arange(first_id, first_id + count), pa.int64())}
                              | ({"text": pa.array(texts, pa.string())} if self.keep_text else {})
                              | {"embedding": self.vectors(texts)})
-            meta = {"minibt": json.dumps({"shard": int(shard), "first_id": int(first_id), "rows": int(count)})}
+            meta = {"minibt": json.dumps({"shard": int(shard), "first_id": int(first_id), "rows": int(count),
+                                          "run": self.run})}
             final = self.out / shard_name(int(shard))
             tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")   # a retry elsewhere never shares it
             # no dictionary pages: on float vectors they cost 40% more bytes and find nothing to share
@@ -120,12 +126,12 @@ def require_ray() -> None:
         raise MinibtError(MISSING)
 
 
-def check_model(model: str, attn: str = "auto", dtype=None) -> int:
-    """Load the model and tokenizer once on the driver, so a bad name fails before any actor starts; its width."""
+def check_model(model: str, attn: str = "auto", dtype=None):
+    """Load the model and tokenizer once on the driver, so a bad name fails before any actor starts; the model."""
     import minibt
     loaded = minibt.from_hub(model, attn=attn, dtype=dtype, head="base")
     minibt.load_tokenizer(model)
-    return loaded.config.hidden_size
+    return loaded
 
 
 def check_column(ds: ray.data.Dataset, column: str, count_nulls: bool = True) -> None:
@@ -156,7 +162,7 @@ def default_actors(num_cpus: float) -> int:
 # ---------------------------------------------------------------------------------------------- Python API
 
 def embed_dataset(ds: ray.data.Dataset, model: str, column: str = "text", *, actors: int | None = None,
-                  num_cpus: float = 1, batch_size: int = 512, batch_tokens: int = 4096, attn: str = "auto",
+                  num_cpus: float = 1, batch_size: int = 512, batch_tokens: int | None = None, attn: str = "auto",
                   dtype=None, count_nulls: bool = True) -> ray.data.Dataset:
     """`ds` with an `embedding` column (fixed-size list of float32, the model's width) from `column`; lazy, like
     every Ray Data transform. `actors`: size of the actor pool (default: the cluster's CPUs but one, each actor
@@ -171,17 +177,24 @@ def embed_dataset(ds: ray.data.Dataset, model: str, column: str = "text", *, act
         compute=ray.data.ActorPoolStrategy(size=actors or default_actors(num_cpus)))
 
 
-def plan_shards(sources: list[Path], shard_rows: int) -> tuple[list[dict], int, str | None]:
+def plan_shards(sources: list[Path], shard_rows: int, digests: list | None = None) -> tuple[list[dict], int, str | None]:
     """Cut the files into shards of `shard_rows` lines (each file's last shard shorter) by byte offset. ids count
     lines across the files in order, from 0. One pass over the bytes, on the driver; it also counts the lines that
-    are not valid UTF-8 (embedded with U+FFFD, as `embed --file` does) and names the first."""
+    are not valid UTF-8 (embedded with U+FFFD, as `embed --file` does) and names the first, and appends each file's
+    SHA-256 to `digests` (the input fingerprint `--resume` checks, as `embed --file` does)."""
     shards, next_id, invalid, first_invalid = [], 0, 0, None
     for path in sources:
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+        with f:
             lines, start = Lines(f), 0                  # the reader of `embed --file`: the same lines, counted alike
             while rows := len(lines.take(shard_rows)):
                 shards.append(_shard(len(shards), path, start, lines.bytes, next_id, rows))
                 start, next_id = lines.bytes, next_id + rows
+        if digests is not None:
+            digests.append(lines.sha.hexdigest())
         if lines.invalid:
             invalid += lines.invalid
             first_invalid = first_invalid or f"{path} line {lines.first_invalid}"
@@ -206,21 +219,42 @@ def is_loopback(address: str | None) -> bool:
     return not address or address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]")
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> None:
+def check_address(address: str | None, timeout: float = 10) -> None:
+    """A HOST:PORT cluster address must answer a TCP connection within `timeout` seconds (ray.init would wait on a
+    dead one without end); named in the error. Other forms (auto, ray://...) are left to ray.init."""
+    host, _, port = (address or "").rpartition(":")
+    if host and port.isdigit() and "://" not in address:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        except (OSError, OverflowError) as e:
+            raise MinibtError(f"--ray {address}: no Ray cluster answers there ({getattr(e, 'strerror', None) or e}); "
+                              "start one with `ray start --head`, or give its HOST:PORT") from None
+
+
+def connect(address: str | None, num_cpus: int | None = None, timeout: float = 10) -> None:
     """Join the cluster at `address`, or start a local Ray on 127.0.0.1 ("local": never an already running one by
-    accident). Does nothing when this process is already connected (tests, notebooks)."""
-    if not ray.is_initialized():
-        if is_loopback(address):
-            keep_on_loopback()
-        if address:
-            ray.init(address=address, **({"_node_ip_address": "127.0.0.1"} if is_loopback(address) else {}))
-        else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    accident). Does nothing when this process is already connected (tests, notebooks). A HOST:PORT that nothing
+    answers at within `timeout` seconds is refused by name (ray.init would wait on it without end)."""
+    if ray.is_initialized():
+        return
+    if is_loopback(address):
+        keep_on_loopback()
+    if not address:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_level=logging.WARNING)
+        return
+    check_address(address, timeout)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING,
+                 **({"_node_ip_address": "127.0.0.1"} if is_loopback(address) else {}))
+    except (ConnectionError, ValueError) as e:
+        raise MinibtError(f"--ray {address}: cannot join a Ray cluster there ({str(e).splitlines()[0][:300]})") \
+            from None
 
 
 def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, address: str | None = None,
                  actors: int | None = None, num_cpus: float = 1, shard_rows: int = 4096, keep_text: bool = False,
-                 resume: bool = False, attn: str = "auto", dtype=None, batch_tokens: int = 4096,
+                 resume: bool = False, attn: str = "auto", dtype=None, batch_tokens: int | None = None,
                  progress: bool = True) -> dict:
     """Embed every line of `sources` (in order; ids count lines from 0 across them) into Parquet shards in `out`
     (`id`, `text` with keep_text, `embedding`). resume=True skips the shards already written completely.
@@ -228,18 +262,26 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
     read task waits for a CPU. Returns a summary: rows, rows embedded now, shards written / skipped, rows by node,
     wall seconds and the seconds actors spent on their shards."""
     require_ray()
+    if not ray.is_initialized():
+        check_address(address)                          # fail fast, before loading the model or touching `out`
     sources = [Path(s).resolve() for s in sources]
     for s in sources:
         if not s.is_file():
             raise InputError(f"{s}: no such file")
     out = Path(out)
-    dim = check_model(model, attn, dtype)
-    shards, invalid, first_invalid = plan_shards(sources, shard_rows)
-    manifest = {"sources": [[str(s), s.stat().st_size] for s in sources], "shard_rows": shard_rows,
-                "model": str(model), "dim": dim, "text": keep_text, "rows": sum(s["rows"] for s in shards),
-                "shards": len(shards)}
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file; --ray writes a folder of Parquet shards: pick a folder")
+    loaded = check_model(model, attn, dtype)
+    digests = []
+    shards, invalid, first_invalid = plan_shards(sources, shard_rows, digests)
+    # what decides the rows: resuming with any of it changed is refused, as `embed --file` refuses
+    manifest = {"sources": [[str(s), s.stat().st_size, d] for s, d in zip(sources, digests)],
+                "shard_rows": shard_rows, "model": str(model),
+                "dtype": str(next(loaded.parameters()).dtype).removeprefix("torch."), "weights": model_fingerprint(loaded), "dim": loaded.config.hidden_size, "text": keep_text,
+                "rows": sum(s["rows"] for s in shards), "shards": len(shards)}
+    run = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:32]
     _start_output(out, manifest, resume)
-    done = {k for k in range(len(shards)) if _complete(out / shard_name(k), shards[k]["rows"])}
+    done = {k for k in range(len(shards)) if _complete(out / shard_name(k), shards[k], run)}
     todo = [s for s in shards if s["shard"] not in done]
     summary = {"rows": manifest["rows"], "embedded": 0, "shards_written": 0, "shards_skipped": len(done),
                "nodes": {}, "seconds": 0.0, "in_actor_seconds": 0.0, "invalid_utf8": invalid}
@@ -251,7 +293,7 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
         connect(address)
         size = min(actors or max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus)), len(todo))
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            ShardWriter, fn_constructor_kwargs=dict(model=model, out=str(out.resolve()), keep_text=keep_text,
+            ShardWriter, fn_constructor_kwargs=dict(model=model, out=str(out.resolve()), keep_text=keep_text, run=run,
                                                     attn=attn, dtype=dtype, batch_tokens=batch_tokens),
             batch_size=1, batch_format="numpy", num_cpus=num_cpus,
             # one shard in flight per actor: a shard is seconds of work, so queueing a second one behind it only
@@ -267,7 +309,7 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
         bar.close()
     for tmp in out.glob(".part-*.tmp"):                  # left by actors that died between write and rename
         tmp.unlink()
-    missing = [k for k in range(len(shards)) if not _complete(out / shard_name(k), shards[k]["rows"])]
+    missing = [k for k in range(len(shards)) if not _complete(out / shard_name(k), shards[k], run)]
     if missing:
         raise MinibtError(f"{out}: shards {missing[:10]} are missing after the run")
     summary["seconds"] = time.perf_counter() - start
@@ -276,29 +318,49 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
 
 def _start_output(out: Path, manifest: dict, resume: bool) -> None:
     path = out / MANIFEST
+    fix = "remove the folder or pick another --out"
     if path.is_file():
         if not resume:
             raise InputError(f"{out} holds a run already: pass --resume to continue it, or pick another --out")
-        old = json.loads(path.read_text())
+        old = read_json(path, error=InputError)
         diff = [k for k in manifest if old.get(k) != manifest[k]]
         if diff:
-            raise InputError(f"{path}: this output was started with other {', '.join(diff)} "
-                             f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); remove it or pick another --out")
+            named = {"sources": "input (paths, sizes or content)", "weights": "model weights", "dim": "model width"}
+            raise InputError(f"{path}: this output was started with another {', '.join(named.get(k, k) for k in diff)}"
+                             f" ({'; '.join(f'{k}={old.get(k)!r}, now {manifest[k]!r}' for k in diff)[:600]}); "
+                             f"resume with the same --model, --dtype, input and flags, or {fix}")
         return
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"{out} exists and is not a minibt --ray output: pick an empty or new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
-
-
-def _complete(path: Path, rows: int) -> bool:
-    """Shards are renamed into place whole, so existence nearly says it; the row count guards against strays."""
     try:
-        return pq.read_metadata(path).num_rows == rows
-    except (OSError, pa.ArrowInvalid):
+        if out.exists() and any(out.iterdir()):
+            raise InputError(f"{out} exists and is not a minibt --ray output (no {MANIFEST}): pick an empty or new "
+                             "folder")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _complete(path: Path, shard: dict, run: str) -> bool:
+    """True when `path` is this run's shard `shard`, False when absent. Shards are renamed into place whole; any
+    other file under that name (a stray copy, another run's shard, a damaged file) is refused, never overwritten or
+    counted: its ids would be duplicated or missing."""
+    if not path.exists():
         return False
+    want = {"shard": shard["shard"], "first_id": shard["first_id"], "rows": shard["rows"], "run": run}
+    ids = range(shard["first_id"], shard["first_id"] + shard["rows"])
+    try:
+        meta = json.loads((pq.read_schema(path).metadata or {}).get(b"minibt", b"{}"))
+        got = pq.read_table(path, columns=["id"])["id"].to_pylist()
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        raise InputError(f"{path}: not a readable shard of this run ({type(e).__name__}: {str(e)[:200]}); remove "
+                         "it and rerun with --resume") from None
+    if meta != want or got != list(ids):
+        have = f"ids {got[0]}..{got[-1]} ({len(got)} rows)" if got else "no rows"
+        raise InputError(f"{path}: holds {have}, not ids {ids.start}..{ids.stop - 1} of shard {shard['shard']} of "
+                         "this run (a stray or another run's file); remove it and rerun with --resume")
+    return True
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ def run(args) -> dict:
             raise InputError(f"{args.dir}: no *.txt files")
     else:
         sources = [Path(args.file)]
+    # The command prints its own progress and one-line errors: Ray Data's notices (progress bars off, ...) are noise
     import ray.data
-    logging.getLogger("ray.data").setLevel(logging.WARNING)     # the command prints its own progress
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
     summary = embed_corpus(sources, args.out, model_name(args), address=args.ray or None,
                            actors=args.actors, num_cpus=args.cpus_per_actor, shard_rows=args.shard_rows,
