@@ -62,7 +62,7 @@ def main():
         cells = []
         for name in names:
             if name in result.refused:
-                cells.append(f"refused ({', '.join(result.refused[name])})")
+                cells.append(f"refused ({result.refused[name].removeprefix('cannot compute ')})")
             else:
                 s = result.summary[name]
                 cells.append(f"{s['max_rel']:.1e}" + ("" if s["first_bad_layer"] is None else " OUT"))

@@ -363,7 +363,10 @@ def audit_args(p):
     add_quantize(p)
     p.add_argument("texts", nargs="+", help="texts to run through every backend (one padded batch)")
     p.add_argument("--backends", type=_BackendList(), metavar="A,B,...",
-                   help="comma-separated backends to audit (default: every registered one)")
+                   help="comma-separated backends to audit, any registered one, auto and fused included (default: "
+                        "every attention function; "
+                        "auto is compared on each layer's output, fused on the last layer's, and a backend that "
+                        "cannot run the model is listed as refused)")
     p.add_argument("--out", help="write a report folder (report.md, and PNG plots when matplotlib is installed)")
     p.add_argument("--layers", action="store_true", help="also print the per-layer table")
 
