@@ -82,21 +82,59 @@ class Fields:
         return len(id2label) if id2label else self.int("num_labels", 2)
 
 
+MAX_JSON_BYTES = 100 << 20    # the largest JSON file or safetensors header minibt reads (safetensors' own limit)
+MAX_JSON_DEPTH = 64           # nesting levels of arrays/objects; real model files use under 10
+
+
+def loads(raw: bytes | str, where, *, error=ConfigError, kind=dict):
+    """The one JSON parser: `raw` (at most MAX_JSON_BYTES, nested at most MAX_JSON_DEPTH deep) must hold a `kind`
+    (object, list, or None for any value). Every fault is `error` naming `where` and the limit."""
+    if len(raw) > MAX_JSON_BYTES:
+        raise error(f"{where}: {len(raw)} bytes of JSON, over the {MAX_JSON_BYTES}-byte limit")
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        value = None                                # deeper than Python's parser goes: reported as too deep below
+        depth = MAX_JSON_DEPTH + 1
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{where}: not valid JSON ({e})") from None
+    else:
+        depth = _depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise error(f"{where}: JSON nested deeper than the limit of {MAX_JSON_DEPTH} levels")
+    if kind is not None and not isinstance(value, kind):
+        raise error(f"{where}: must hold a JSON {'object' if kind is dict else kind.__name__}, "
+                    f"got {type(value).__name__}")
+    return value
+
+
+def _depth(value) -> int:
+    """Nesting depth of a parsed JSON value, without recursion (a scalar is 0, [] or {} is 1)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            if level > MAX_JSON_DEPTH:
+                break
+            stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def read_json(path, *, error=ConfigError, required: bool = False, kind=dict):
-    """A JSON file that must hold an object (or `kind`); None when absent and not required. Every fault is `error`
-    naming the file."""
+    """A JSON file that must hold an object (or `kind`); None when absent and not required. A FIFO, a device or a
+    folder in its place is refused (never opened), and the file is read and parsed within `loads`' limits. Every
+    fault is `error` naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         if required:
             raise error(f"{path.parent}: no {path.name}")
         return None
+    if not path.is_file():
+        raise error(f"{path}: not a regular file; refused")
     try:
-        value = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
     except OSError as e:
         raise error(f"{path}: cannot be read ({e.strerror})") from None
-    if not isinstance(value, kind):
-        raise error(f"{path}: must hold a JSON {'object' if kind is dict else kind.__name__}, "
-                    f"got {type(value).__name__}")
-    return value
+    return loads(raw, path, error=error, kind=kind)

@@ -30,16 +30,20 @@ def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
 
 
 def inside(folder: Path, name: str, what: str = "file") -> Path:
-    """folder / name, refused unless it stays inside the model folder (or, for a hub snapshot, inside that repo's
-    cache, where snapshot files are links to its blobs). Nothing outside is ever read."""
+    """folder / name, refused unless it stays inside the model folder, through any link: the file it resolves to is
+    inside the folder, or, for a hub snapshot (a folder under `snapshots/`), inside that repo's `blobs/`, where
+    snapshot files link to. A link leaving a snapshot through its parent folder (another snapshot, the repo's refs,
+    anything beside) is refused. Nothing outside is ever read."""
     folder = Path(folder)
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise CheckpointError(f"{folder}: {what} {name!r} is not a plain path inside the model folder")
-    root = folder.parent.parent if folder.parent.name == "snapshots" else folder
+    roots = [folder.resolve()]
+    if roots[0].parent.name == "snapshots":
+        roots.append(roots[0].parent.parent / "blobs")
     path = folder / name
-    if path.exists() and not path.resolve().is_relative_to(root.resolve()):
+    if (path.exists() or path.is_symlink()) and not any(path.resolve().is_relative_to(r) for r in roots):
         raise CheckpointError(f"{path}: {what} {name!r} resolves to {path.resolve()}, outside the model folder "
-                              f"{root}; refused")
+                              f"{folder}{' and its repo blobs' if len(roots) > 1 else ''}; refused")
     return path
 
 

@@ -16,7 +16,6 @@ never read.
 """
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 import warnings
@@ -29,7 +28,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import kernels
-from .config import Fields, read_json
+from .config import Fields, loads, read_json
 from .errors import CheckpointError, ConfigError, InputError
 from .hub import inside, resolve
 from .kernels import quantize as quantization
@@ -50,8 +49,10 @@ def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, 
     config = read_json(config_path, required=True)
     cls = model_class(config, config_path)
     source = open_source(folder, config, cls, head=head, dtype=dtype, device=device, quantize=quantize)
+    cfg = cls.config_from_hf(source.config, str(config_path))
+    check_layers(cfg.num_layers, source, config_path)          # before building: the build costs per layer
     with skip_init(), torch.device("meta"):
-        model = cls(cls.config_from_hf(source.config, str(config_path)), source.head).to(source.dtype)
+        model = cls(cfg, source.head).to(source.dtype)
         if source.manifest is not None:          # a saved quantized model: its modules, empty, before the check
             quantization.swap_empty(model, source.manifest, source.checkpoint.files[0])
     check_plan(model, source)
@@ -72,7 +73,22 @@ def model_class(config: dict, where):
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"{where}: model_type={model_type!r} is not supported; minibt has {', '.join(MODEL_TYPES)}")
-    return MODEL_TYPES[model_type]
+    cls = MODEL_TYPES[model_type]
+    if not cls.causal and Fields(config, str(where)).bool("is_decoder", False):
+        raise ConfigError(f"{where}: is_decoder = true asks {model_type} for causal (decoder) attention, which minibt's "
+                          f"{model_type} does not implement (it attends both ways); refused rather than computing "
+                          "bidirectional attention")
+    return cls
+
+
+def check_layers(num_layers: int, source: "Source", where) -> None:
+    """config.json's layer count against the layers the checkpoint holds weights for (`layers.N.` after the weights
+    map), before anything is built: a config asking for more layers than the checkpoint has is refused at once."""
+    held = {m.group(1) for t in source.plan if (m := re.match(r"layers\.(\d+)\.", t))}
+    if num_layers > len(held):
+        raise source.error(f"{where}: asks for {num_layers} layers, but the checkpoint in {source.checkpoint.folder} "
+                           f"holds weights for {len(held)} (layers.N.* tensors after the weights map); refused before "
+                           "building the model")
 
 
 @dataclass
@@ -95,6 +111,12 @@ def open_source(folder: Path, config: dict, cls, *, head, dtype, device, quantiz
     file of our tensor names, with a manifest that must match config.json and what was asked)."""
     saved = quantization.saved_file(folder)
     spec = weights_map(cls.family)
+    if saved is not None and full_checkpoint(folder):
+        # the rule: a full checkpoint wins, as transformers (which ignores our file) would load this folder
+        warnings.warn(f"{folder} holds a full checkpoint and {saved.name}: loading the full checkpoint (as "
+                      "transformers would) and ignoring the quantized file; keep a quantized model in a folder of "
+                      "its own", stacklevel=4)
+        saved = None
     if saved is not None:
         checkpoint = Checkpoint(folder, [saved.name])
         manifest = quantization.read_manifest(checkpoint.metadata, saved)
@@ -360,18 +382,20 @@ class Checkpoint:
     each tensor in exactly one shard, shards named by the index inside the folder); `read` reads tensor bytes."""
 
     def __init__(self, folder: Path, files: list[str] | None = None):
-        """files: read these (a folder written by save_quantized); None: the hub layout, sharded or not."""
+        """files: read these (a folder written by save_quantized); None: the hub layout, sharded or not. A folder
+        holding both model.safetensors and an index loads model.safetensors and ignores the index and its shards, as
+        transformers does (modeling_utils._get_resolved_checkpoint_files tries the single file first)."""
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if files is not None:
             weight_map, names = None, files
-        elif index.is_file():
+        elif single_file(self.folder):
+            weight_map, names = None, ["model.safetensors"]
+        elif index.exists() or index.is_symlink():
             weight_map = read_json(inside(self.folder, index.name), error=CheckpointError).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index}: not a safetensors index (needs a non-empty 'weight_map' object)")
             names = sorted(set(map(str, weight_map.values())))
-        elif (self.folder / "model.safetensors").is_file():
-            weight_map, names = None, ["model.safetensors"]
         else:
             raise CheckpointError(pickle_message(self.folder))
         self.tensors: dict[str, tuple[Path, dict]] = {}           # key -> (file, header entry)
@@ -425,6 +449,17 @@ class Checkpoint:
         return out.to(dtype) if dtype is not None and out.is_floating_point() and out.dtype != dtype else out
 
 
+def single_file(folder: Path) -> bool:
+    """Whether the folder holds model.safetensors (a link counts; `inside` then checks where it leads)."""
+    path = Path(folder) / "model.safetensors"
+    return path.exists() or path.is_symlink()
+
+
+def full_checkpoint(folder: Path) -> bool:
+    """Whether the folder holds a hub-layout checkpoint: model.safetensors or a shard index."""
+    return single_file(folder) or (Path(folder) / "model.safetensors.index.json").exists()
+
+
 def read_header(path: Path, with_metadata: bool = False):
     """{key: {dtype, shape, data_offsets (absolute in the file)}}, checked; a CheckpointError names the fault.
     with_metadata: also the file's `__metadata__` ({} when absent)."""
@@ -442,12 +477,7 @@ def read_header(path: Path, with_metadata: bool = False):
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        bad(f"header is not JSON: {e}")
-    if not isinstance(header, dict):
-        bad("header is not a JSON object")
+    header = loads(raw, f"{path}: corrupt safetensors file: its header", error=CheckpointError)
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         bad("__metadata__ must map names to strings")
@@ -464,9 +494,11 @@ def read_header(path: Path, with_metadata: bool = False):
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
             bad(f"tensor {key!r}: data_offsets {offsets!r}")
-        numel = 1
+        numel, extent = 1, 1
         for d in shape:
-            numel *= d
+            numel, extent = numel * d, extent * max(d, 1)
+        if extent >= 2**62:                 # torch cannot make the tensor, even when a size of 0 makes it empty
+            bad(f"tensor {key!r}: shape {shape} overflows (sizes multiply to {extent}, over 2**62)")
         if offsets[1] - offsets[0] != numel * _ST_DTYPES[e["dtype"]].itemsize:
             bad(f"tensor {key!r}: {offsets[1] - offsets[0]} bytes for shape {shape} {e['dtype']}")
         if base + offsets[1] > size:

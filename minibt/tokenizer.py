@@ -136,15 +136,16 @@ def load_tokenizer(name_or_path, revision=None) -> Tokenizer:
             raise ConfigError(f"{path}: not a tokenizer file the tokenizers library can read ({e})") from None
     elif (folder / "vocab.txt").is_file():
         from tokenizers.implementations import BertWordPieceTokenizer
+        vocab = inside(folder, "vocab.txt")             # outside the try: a link leaving the folder stays refused
         try:
-            tok = BertWordPieceTokenizer(str(inside(folder, "vocab.txt")),
-                                         lowercase=config.get("do_lower_case", True))._tokenizer
+            tok = BertWordPieceTokenizer(str(vocab), lowercase=config.get("do_lower_case", True))._tokenizer
         except Exception as e:
             raise ConfigError(f"{folder / 'vocab.txt'}: not a WordPiece vocabulary ({e})") from None
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         from tokenizers.implementations import ByteLevelBPETokenizer
+        vocab, merges = inside(folder, "vocab.json"), inside(folder, "merges.txt")
         try:
-            tok = ByteLevelBPETokenizer(str(inside(folder, "vocab.json")), str(inside(folder, "merges.txt")),
+            tok = ByteLevelBPETokenizer(str(vocab), str(merges),
                                         add_prefix_space=config.get("add_prefix_space", False))._tokenizer
         except Exception as e:
             raise ConfigError(f"{folder}: vocab.json + merges.txt are not a byte-level BPE vocabulary ({e})") from None

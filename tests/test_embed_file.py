@@ -160,11 +160,12 @@ def interrupted(minilm, tmp_path, monkeypatch, capsys, suffix=".npy", fail_at=3)
                 raise OSError(errno.ENOSPC, "No space left on device")
             return self.file.write(data)
 
-    def open_out(path, *args, **kw):                                 # embed_file's `open`, for `out` only
-        f = open(path, *args, **kw)
+    def create_out(path, *args, **kw):                               # embed_file's exclusive create of `out`
+        f = create_new(path, *args, **kw)
         return DiskFillsUp(f) if Path(path) == out else f
+    from minibt.outputs import create_new
     with monkeypatch.context() as m:
-        m.setattr(ef, "open", open_out, raising=False)
+        m.setattr(ef, "create_new", create_out)
         assert minibt_cli.main(["embed", "--file", str(src), "--out", str(out), "--chunk", "32"]) == 2
     err = capsys.readouterr().err
     assert "the disk is full (ENOSPC)" in err and "first 64 rows are safely on disk" in err and "--resume" in err

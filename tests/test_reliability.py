@@ -87,7 +87,7 @@ def test_huge_unexpected_report_is_summarised(bert_folder, tmp_path):
 @pytest.mark.parametrize("damage, fault", [
     (lambda b: b[:4], "shorter than its 8-byte header length"),
     (lambda b: (10**12).to_bytes(8, "little") + b[8:], "exceeds the file"),
-    (lambda b: b[:8] + b"[" + b[9:], "header is not JSON"),
+    (lambda b: b[:8] + b"[" + b[9:], "its header: not valid JSON"),
     (lambda b: b[:8] + b[8:].replace(b'"F32"', b'"Q99"', 1), "has dtype Q99"),
     (lambda b: b[:8] + b[8:].replace(b'"shape":[32', b'"shape":[33', 1), "bytes for shape"),
     (lambda b: b[:len(b) - 64], "past the end of the file"),

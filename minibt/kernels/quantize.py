@@ -271,24 +271,33 @@ def save_quantized(model, folder):
     """Write a quantized model as `folder/minibt-quantized.safetensors` (float tensors, integer weights, scales;
     a JSON manifest in the safetensors metadata) beside a copy of its config.json and tokenizer files.
     `minibt.from_hub(folder)` loads it back bit-identically. int4 weights are stored in a layout of our own:
-    (out, in / 2) bytes, input column 2j in the low 4 bits and 2j + 1 in the high 4 bits."""
+    (out, in / 2) bytes, input column 2j in the low 4 bits and 2j + 1 in the high 4 bits.
+
+    The folder must be new, empty, or a folder save_quantized wrote for the same config.json (overwritten):
+    anything else (another model's folder, a full checkpoint) is refused before anything is written. Each file is
+    written atomically (minibt/outputs.py), never through a link; the files copied from the source folder are read
+    through hub.inside (nothing outside it)."""
     import json
-    import shutil
     from pathlib import Path
     from safetensors.torch import save_file
     from ..config import read_json
-    from ..hub import ALLOW
+    from ..hub import ALLOW, inside
+    from ..outputs import atomic
     if not getattr(model, "quantization", None):
         raise QuantizeError("save_quantized: this model is not quantized; call quantize(model, 'int8') first")
     if getattr(model, "source", None) is None:
         raise QuantizeError("save_quantized: the model has no source folder (model.source) to copy config.json and "
                             "the tokenizer from; load it with minibt.from_hub")
-    folder = Path(folder)
-    if folder.exists() and folder.resolve() == Path(model.source).resolve():
+    folder, src = Path(folder), Path(model.source)
+    if folder.exists() and folder.resolve() == src.resolve():
         raise QuantizeError(f"save_quantized: {folder} is the folder this model was loaded from; save it to a new "
                             "folder (the quantized file would shadow the full-precision checkpoint there)")
-    folder.mkdir(parents=True, exist_ok=True)
-    config = read_json(Path(model.source) / "config.json", required=True)
+    config = read_json(inside(src, "config.json"), required=True)
+    check_save_folder(folder, config)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QuantizeError(f"save_quantized: cannot make {folder}: {e.strerror or e}") from None
     tensors, seen = {}, {}
     for name, t in model.state_dict().items():
         if name.endswith(".packed"):                       # the kernel's layout -> ours (documented above)
@@ -306,14 +315,45 @@ def save_quantized(model, folder):
                     modules=q["modules"], dtype=str(model_dtype(model)).removeprefix("torch."), family=model.family,
                     model_type=config.get("model_type"), head=model.head, config_hash=config_hash(config),
                     aliases=aliases, torch=torch.__version__)
-    save_file(tensors, folder / QUANTIZED_FILE, metadata={"minibt": json.dumps(manifest)})
-    src = Path(model.source)
+    with atomic(folder / QUANTIZED_FILE, QuantizeError, "quantized file") as tmp:
+        save_file(tensors, tmp, metadata={"minibt": json.dumps(manifest)})
+    inside_out = folder.resolve()
     for pattern in ALLOW:
         for path in src.glob(pattern):
-            if path.suffix != ".safetensors" and path.name != "model.safetensors.index.json":
-                (folder / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, folder / path.relative_to(src))
+            name = path.relative_to(src).as_posix()
+            if path.suffix == ".safetensors" or name == "model.safetensors.index.json":
+                continue
+            source = inside(src, name)                     # a link leading out of the source folder is refused
+            if not source.is_file():
+                continue
+            dst = folder / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.parent.resolve().is_relative_to(inside_out):
+                raise QuantizeError(f"save_quantized: {dst.parent} leads outside {folder}; refused")
+            with atomic(dst, QuantizeError, "copy of " + name) as tmp:
+                tmp.write_bytes(source.read_bytes())
     return folder
+
+
+def check_save_folder(folder, config: dict) -> None:
+    """save_quantized's rule: the target folder is new, empty, or a quantized folder of the same config.json (no
+    full checkpoint in it); anything else is refused, naming what the folder holds."""
+    from ..config import read_json
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise QuantizeError(f"save_quantized: {folder} exists and is not a folder")
+    if not any(folder.iterdir()):
+        return
+    from ..hub import inside
+    full = any((folder / n).exists() for n in ("model.safetensors", "model.safetensors.index.json"))
+    theirs = read_json(inside(folder, "config.json"), error=QuantizeError)
+    if full or not (folder / QUANTIZED_FILE).is_file() or theirs is None or config_hash(theirs) != config_hash(config):
+        held = sorted(p.name for p in folder.iterdir())
+        raise QuantizeError(f"save_quantized: {folder} already holds {', '.join(held[:4])}"
+                            f"{', ...' if len(held) > 4 else ''}, not a quantized folder of this model; refused (its "
+                            "config.json would be overwritten). Save into a new or empty folder, or over a quantized "
+                            "folder of this same model")
 
 
 def model_dtype(model) -> torch.dtype:
@@ -321,11 +361,10 @@ def model_dtype(model) -> torch.dtype:
 
 
 def read_manifest(meta: dict, path) -> dict:
-    import json
-    try:
-        manifest = json.loads(meta["minibt"])
-    except (KeyError, ValueError):
-        raise QuantizeError(f"{path}: no minibt manifest in the safetensors metadata (key 'minibt')") from None
+    from ..config import loads
+    if "minibt" not in meta:
+        raise QuantizeError(f"{path}: no minibt manifest in the safetensors metadata (key 'minibt')")
+    manifest = loads(meta["minibt"], f"{path}: manifest (safetensors metadata 'minibt')", error=QuantizeError)
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise QuantizeError(f"{path}: manifest format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                             f"this minibt reads {FORMAT!r} version {VERSION}")
@@ -350,10 +389,11 @@ def read_manifest(meta: dict, path) -> dict:
 
 
 def saved_file(folder) -> "Path | None":
-    """The quantized file of a folder written by save_quantized, or None."""
-    from pathlib import Path
-    path = Path(folder) / QUANTIZED_FILE
-    return path if path.is_file() else None
+    """The quantized file of a folder written by save_quantized, or None; a link leading outside the folder is
+    refused (hub.inside)."""
+    from ..hub import inside
+    path = inside(folder, QUANTIZED_FILE, "quantized file")
+    return path if path.exists() or path.is_symlink() else None
 
 
 def check_saved(manifest: dict, config: dict, family: str, path, *, scheme=None, dtype=None, head=None) -> None:
@@ -421,6 +461,8 @@ def swap_empty(model, manifest: dict, path) -> None:
 def from_saved(model, name: str, t: torch.Tensor, path) -> torch.Tensor:
     """A tensor of the saved file as the model holds it: int4 codes (two 4-bit codes a byte, our layout) repacked
     into the kernel's layout; everything else as read."""
+    if name.endswith((".scale", ".scale_zero")):
+        check_scales(name, t, path)
     if not name.endswith(".packed"):
         return t
     mod = model.get_submodule(name.rpartition(".")[0])
@@ -429,3 +471,18 @@ def from_saved(model, name: str, t: torch.Tensor, path) -> torch.Tensor:
         raise QuantizeError(f"{path}: {name[:-len('packed')]}codes has {codes.shape[1]} codes a row; the layer has "
                             f"{mod.in_features} inputs")
     return torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+
+
+def check_scales(name: str, t: torch.Tensor, path) -> None:
+    """Scales save_quantized can have written: int8 `scale` finite and > 0 (max|row| / 127, at least 1e-12 / 127);
+    int4 `scale_zero` scales finite and > 0, zeros finite. Anything else was edited: refused, naming the tensor
+    (it would give NaN or inf outputs)."""
+    scales, zeros = (t, None) if name.endswith(".scale") else (t[..., 0], t[..., 1])
+    bad = ~torch.isfinite(scales) | (scales <= 0)
+    if zeros is not None:
+        bad |= ~torch.isfinite(zeros)
+    if bool(bad.any()):
+        first = t[bad][0].tolist()                      # a scale, or an int4 group's [scale, zero]
+        raise QuantizeError(f"{path}: tensor {name!r} holds {int(bad.sum())} scale value(s) save_quantized cannot "
+                            f"have written (first: {first}; scales are finite and > 0, zeros finite): the file was "
+                            "edited; refused")

@@ -14,7 +14,12 @@ def roberta_config(c: dict, where: str = "config.json") -> BertConfig:
     if pad is None:
         raise ConfigError(f"{where}: pad_token_id is null, but RoBERTa numbers its positions from "
                           "pad_token_id + 1: set it (1 in every released RoBERTa)")
-    return replace(BertConfig.from_hf(c, where), pad_token_id=pad, mlm_act="gelu")
+    cfg = replace(BertConfig.from_hf(c, where), pad_token_id=pad, mlm_act="gelu")
+    if pad + 1 >= cfg.max_positions:
+        raise ConfigError(f"{where}: pad_token_id = {pad} leaves no positions: RoBERTa numbers positions from "
+                          f"pad_token_id + 1, and max_position_embeddings = {cfg.max_positions} must exceed it "
+                          f"(pad_token_id + 2 or more)")
+    return cfg
 
 
 class Roberta(Bert):

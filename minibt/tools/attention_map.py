@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, MinibtError
+from ..outputs import atomic, check_target
 
 
 def attention_probs(model, tok, text: str, layer: int, head: int):
@@ -38,14 +39,12 @@ def token_labels(tok, ids) -> list[str]:
 
 
 def attention_map(model, tok, text: str, layer: int = 0, head: int = 0, path="attention.png", title=None) -> Path:
-    """title: names the model and dtype (default: the model folder's name and the weights' dtype)."""
+    """title: names the model and dtype (default: the model folder's name and the weights' dtype). path: its
+    folder must exist and its extension be an image format matplotlib writes (.png, .pdf, .svg, ...), checked before
+    any work; written atomically, never through a link."""
+    plt = _pyplot("attention maps")
+    path, kind = image_path(path)
     tokens, probs = attention_probs(model, tok, text, layer, head)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MinibtError("attention maps need matplotlib: pip install 'minibt[plot]'") from None
     size = max(4.0, 0.35 * len(tokens) + 1.5)
     fig, ax = plt.subplots(figsize=(size, size))
     im = ax.imshow(probs.numpy(), cmap="viridis", vmin=0.0)
@@ -59,10 +58,32 @@ def attention_map(model, tok, text: str, layer: int = 0, head: int = 0, path="at
     ax.set_title(f"{title}: layer {layer}, head {head}")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, format=kind, dpi=100)
     plt.close(fig)
     return path
+
+
+def _pyplot(what: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MinibtError(f"{what} need matplotlib: pip install 'minibt[plot]'") from None
+    return plt
+
+
+def image_path(path) -> tuple[Path, str]:
+    """(path, format) for an image output: an extension matplotlib writes, a folder that exists, not a link."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    path = Path(path)
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    kind = path.suffix.lower().removeprefix(".")
+    if kind not in kinds:
+        raise InputError(f"output {path}: extension {path.suffix or '(none)'!r} is not an image format; use one of "
+                         f"{', '.join('.' + k for k in sorted(kinds))}")
+    return check_target(path), kind
 
 
 # ---------------------------------------------------------------------------------------------- variant masks
@@ -102,15 +123,9 @@ def variant_masks(length: int = 16) -> dict:
 
 def mask_pictures(folder, length: int = 16) -> list[Path]:
     """One PNG per attention variant in `folder` (needs matplotlib): white = attend, dark = masked; a bias is a
-    heatmap, with masked cells blank."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MinibtError("mask pictures need matplotlib: pip install 'minibt[plot]'") from None
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    heatmap, with masked cells blank. The folder is made if missing; the folder it goes in must exist."""
+    plt = _pyplot("mask pictures")
+    folder = output_folder(folder)
     paths = []
     for name, (title, picture) in variant_masks(length).items():
         fig, ax = plt.subplots(figsize=(8.4 if name == "local-global" else 4.2, 4.2))
@@ -123,6 +138,22 @@ def mask_pictures(folder, length: int = 16) -> list[Path]:
         ax.set_title(title, fontsize=8)
         fig.tight_layout()
         paths.append(folder / f"mask-{name}.png")
-        fig.savefig(paths[-1], dpi=90)
+        with atomic(paths[-1]) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
         plt.close(fig)
     return paths
+
+
+def output_folder(folder) -> Path:
+    """A report folder (audit --out, attend-map --masks): made if missing, but the folder it goes in must exist;
+    refused if it is a file or a link."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise InputError(f"output folder {folder} is {'a link' if folder.is_symlink() else 'not a folder'}; refused")
+    if not folder.parent.is_dir():
+        raise InputError(f"output folder {folder}: the folder {folder.parent} does not exist")
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot make output folder {folder}: {e.strerror or e}") from None
+    return folder

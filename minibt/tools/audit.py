@@ -144,6 +144,9 @@ def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None,
     layer's output (it runs the whole stack in one call). A backend that cannot run this model is refused by name
     (AuditResult.refused), never run. Prints nothing; see AuditResult.table() and write_report().
     title: names the model on plots; progress: called with each backend's name when it is done."""
+    if out_dir is not None:                       # a bad --out is refused before the work, not after
+        from .attention_map import output_folder
+        out_dir = output_folder(out_dir)
     from ..errors import BackendError
     inputs = dict(inputs)
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
@@ -210,8 +213,11 @@ def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None,
 
 
 def write_report(result: AuditResult, folder: Path) -> Path:
-    """report.md, and PNG plots (errors by layer, time and memory by backend) when matplotlib is installed."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """report.md, and PNG plots (errors by layer, time and memory by backend) when matplotlib is installed; each
+    written atomically, never through a link (minibt/outputs.py)."""
+    from ..outputs import atomic, write_bytes
+    from .attention_map import output_folder
+    folder = output_folder(folder)
     text = ["# minibt audit", "", f"dtype {str(result.dtype).removeprefix('torch.')}, reference: naive in float64.",
             "", result.table(), ""]
     try:
@@ -231,17 +237,19 @@ def write_report(result: AuditResult, folder: Path) -> Path:
         ax.set_title(result.title or f"dtype {str(result.dtype).removeprefix('torch.')}")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(folder / "errors.png", dpi=100)
+        with atomic(folder / "errors.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
         for key, label, file in (("ms", "ms per forward", "time.png"), ("peak_mb", "peak live MB", "memory.png")):
             fig, ax = plt.subplots(figsize=(6, 3.5))
             ax.bar(list(result.summary), [s[key] for s in result.summary.values()])
             ax.set_ylabel(label)
             ax.set_title(result.title or f"dtype {str(result.dtype).removeprefix('torch.')}")
             fig.tight_layout()
-            fig.savefig(folder / file, dpi=100)
+            with atomic(folder / file) as tmp:
+                fig.savefig(tmp, format="png", dpi=100)
         plt.close("all")
         text += ["![errors by layer](errors.png)", "![time](time.png)", "![memory](memory.png)"]
-    (folder / "report.md").write_text("\n".join(text) + "\n")
+    write_bytes(folder / "report.md", ("\n".join(text) + "\n").encode())
     return folder
 
 

@@ -18,13 +18,16 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from ..config import read_json
 from ..embedding import PRECISIONS, Pipeline, check_dim, embed, quantize
 from ..errors import InputError, MinibtError
+from ..outputs import atomic, check_target, create_new, open_existing
 from .lines import Lines, count_lines
 from .progress import Progress
 
@@ -63,6 +66,8 @@ class Writer:
         self.progress_path = out.with_name(out.name + ".progress")
         self.start = _NPY_HEADER if self.kind == ".npy" else 0      # the hash skips the header (rewritten at the end)
         self.rows, self.state = 0, None
+        check_target(out)
+        check_target(self.progress_path, what="progress record")
         if resume and self.progress_path.is_file():
             self._reopen()
         elif out.exists() and not resume:
@@ -70,19 +75,16 @@ class Writer:
         elif resume and out.exists():
             raise InputError(f"{out} exists but {self.progress_path} does not: it is complete (or not ours)")
         else:
-            try:
-                self.file = open(out, "wb")
-            except OSError as e:
-                raise InputError(f"cannot write {out}: {e.strerror or e}") from None
+            self.file = create_new(out)             # exclusively: never through a link planted at `out`
             self.sha = hashlib.sha256()
             self._write(_npy_header(0, dim, descr) if self.kind == ".npy" else b"", hashed=False)
             self.commit(0, hashlib.sha256().hexdigest())       # nothing consumed yet
 
     def _reopen(self):
+        state = read_json(self.progress_path, error=InputError, required=True)
         try:
-            state = json.loads(self.progress_path.read_text())
             rows, size, dim = int(state["rows"]), int(state["bytes"]), int(state["dim"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):
             raise InputError(f"{self.progress_path}: not a progress record minibt wrote; remove it and {self.out}") \
                 from None
         fix = f"remove {self.out} and {self.progress_path} to start again, or pick another --out"
@@ -97,7 +99,7 @@ class Writer:
             have = self.out.stat().st_size if self.out.is_file() else 0
             raise InputError(f"{self.out}: {have} bytes, shorter than the {size} bytes its progress record says are "
                              f"done (truncated or replaced); {fix}")
-        self.file = open(self.out, "r+b")
+        self.file = open_existing(self.out)
         self.sha = hashlib.sha256()
         self.file.seek(self.start)
         left = size - self.start
@@ -138,11 +140,11 @@ class Writer:
         try:
             self.file.flush()
             os.fsync(self.file.fileno())
-            tmp = self.progress_path.with_name(self.progress_path.name + ".tmp")
-            tmp.write_text(json.dumps({"source": self.source, "model": self.model, "dim": self.dim, "rows": rows,
-                                       "bytes": self.file.tell(), "output_sha256": self.sha.hexdigest(),
-                                       "input_bytes": input_bytes, "input_sha256": input_sha}))
-            os.replace(tmp, self.progress_path)           # atomic: the progress file is always whole
+            record = json.dumps({"source": self.source, "model": self.model, "dim": self.dim, "rows": rows,
+                                 "bytes": self.file.tell(), "output_sha256": self.sha.hexdigest(),
+                                 "input_bytes": input_bytes, "input_sha256": input_sha})
+            with atomic(self.progress_path, what="progress record") as tmp:    # always whole, never via a link
+                tmp.write_text(record)
         except OSError as e:
             self._failed(e)
         self.rows = rows
@@ -158,6 +160,20 @@ class Writer:
             self._failed(e)
         self.file.close()
         self.progress_path.unlink()
+
+
+def check_input(fd: int, name: str) -> bool:
+    """True for a regular file, False for a pipe (a FIFO, `<(cmd)`, a shell pipe: streamed once, line by line);
+    anything else (a device such as /dev/zero, a socket, a folder) is refused by name. A terminal on stdin is
+    read like a pipe."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return True
+    if stat.S_ISFIFO(mode) or os.isatty(fd):
+        return False
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else
+            "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise InputError(f"--file {name} is {kind}, not a file of lines; refused")
 
 
 def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, batch_tokens=None,
@@ -182,13 +198,24 @@ def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, 
     settings = f"{model_fingerprint(model)}|{before}|{truncate_dim}|{precision}"
     fingerprint = hashlib.sha256(settings.encode()).hexdigest()[:32]
     if source == "-":
+        check_input(sys.stdin.fileno(), "<stdin>")
         stream, name, total = sys.stdin.buffer, "<stdin>", None
     else:
         path = Path(source)
         try:
-            stream, name, total = open(path, "rb"), str(path.resolve()), count_lines(path)
+            stream = open(path, "rb")
         except OSError as e:
             raise InputError(f"cannot read {source}: {e.strerror or e}") from None
+        try:
+            # a file is counted first (a progress bar with a total); a pipe is read once, as it streams
+            regular = check_input(stream.fileno(), source)
+            name, total = str(path.resolve()), count_lines(path) if regular else None
+        except OSError as e:
+            stream.close()
+            raise InputError(f"cannot read {source}: {e.strerror or e}") from None
+        except MinibtError:
+            stream.close()
+            raise
     try:
         writer = Writer(Path(out), width, name, resume, fingerprint, descr)
         lines = Lines(stream)
