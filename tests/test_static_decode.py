@@ -105,3 +105,14 @@ def test_cuda_graph_step_gives_eager_tokens(tmp_path):
     eager = greedy(model, ids, mask, new=20)
     assert torch.equal(greedy(model, ids, mask, new=20, compile=True), eager)
     assert torch.equal(greedy(model, ids, mask, new=20, compile=True), eager)   # a replay of the recorded graph
+
+
+def test_cli_compile_flag(capsys):
+    from minibt.tools import cli
+    parse = cli.parser().parse_args
+    assert parse(["generate", "--model", "m", "x"]).compile is None
+    assert parse(["generate", "--model", "m", "x", "--compile"]).compile == "default"
+    assert parse(["generate", "--model", "m", "--compile", "max-autotune", "x"]).compile == "max-autotune"
+    with pytest.raises(SystemExit) as e:
+        parse(["generate", "--model", "m", "--compile", "fast", "x"])
+    assert e.value.code == 2 and "--compile" in capsys.readouterr().err
