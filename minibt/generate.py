@@ -95,7 +95,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
         from .kernels import static_decode
         mode = "default" if compile is True else compile
         static_decode.check(model, mode, s + max_new_tokens)
-        cache = KVCache.for_model(model, b, static_decode.capacity(s + max_new_tokens))
+        cache = static_decode.new_cache(model, b, s + max_new_tokens)
     else:
         cache = KVCache.for_model(model, b, s + max_new_tokens)
     mask = attention_mask.long()
@@ -121,4 +121,6 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
             continue
         mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
         logits = model(nxt[:, None], attention_mask=mask, past_key_values=cache, last_only=True).logits[:, -1]
+    if static is not None:
+        static.release()
     return torch.cat(seqs, 1)

@@ -20,8 +20,8 @@ Compile modes (`MODES`, the `compile=` argument of generate):
 - "max-autotune": on CPU, inductor's autotuned C++ GEMM templates, freezing (weights folded in as constants) and the
   C++ wrapper (no Python between kernels). This is the step of the issue's table (int8 86 tok/s, int4 113 vs eager
   46 / 79, SmolLM2-135M) and took 77-91 s to compile there; on CUDA, autotuned Triton kernels.
-On CUDA both modes add CUDA graphs (one replay per step: "reduce-overhead"); the cache tensors are marked as static
-addresses so the graph writes them in place.
+On CUDA both modes add CUDA graphs (one replay per step: "reduce-overhead"); the cache tensors are kept per model
+and shape and marked as static addresses, so the graph writes them in place and every generation replays it.
 
 Compile cost is paid once per machine: inductor's on-disk FX graph and AOTAutograd caches are on, under
 $TORCHINDUCTOR_CACHE_DIR, or ~/.cache/minibt/inductor when that is unset, so a second process re-traces (seconds)
@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ..attention import KVCache
 from ..errors import BackendError
 from ..models import OPT, Bloom, GptOss, Llama
 from ..models.opt import POSITION_OFFSET
@@ -66,8 +67,20 @@ def check(model, mode: str, length: int) -> None:
                            "compile=False")
 
 
-def capacity(length: int) -> int:
-    return -(-length // BUCKET) * BUCKET
+def new_cache(model, batch: int, length: int) -> KVCache:
+    """The generation's KV cache, `length` rounded up to BUCKET. On CUDA, one per model and shape, reused by the
+    generations that follow (`StaticDecoder.release`): a CUDA graph replays on the addresses it recorded (marked
+    static, unguarded). A generation takes it while it runs: a concurrent one makes its own."""
+    size = -(-length // BUCKET) * BUCKET
+    if model.embed.weight.device.type != "cuda":
+        return KVCache.for_model(model, batch, size)
+    cache = model.__dict__.setdefault("_static_caches", {}).pop((batch, size), None)
+    if cache is None:
+        cache = KVCache.for_model(model, batch, size)
+        for t in cache.k + cache.v:
+            torch._dynamo.mark_static_address(t, guard=False)
+    cache.filled = [0] * len(cache.filled)        # stale keys are masked (never attended), so not cleared
+    return cache
 
 
 class StaticBatch:
@@ -201,11 +214,8 @@ class StaticDecoder:
     def __init__(self, model, cache, attention_mask, length: int, mode: str):
         b, s = attention_mask.shape
         device = attention_mask.device
-        self.model, self.step = model, compiled(model, mode, device)
+        self.model, self.step, self.cache = model, compiled(model, mode, device), cache
         self.ks, self.vs = cache.k, cache.v
-        if device.type == "cuda":                     # CUDA graphs write them in place
-            for t in self.ks + self.vs:
-                torch._dynamo.mark_static_address(t)
         size = cache.capacity
         self.key_ok = torch.ones(b, size, dtype=torch.bool, device=device)
         self.key_ok[:, :s] = attention_mask.bool()
@@ -220,3 +230,9 @@ class StaticDecoder:
         logits = self.step(self.model, ids, self.at, self.at - self.pads, self.key_ok, self.ks, self.vs, self.rope)
         self.at = self.at + 1
         return logits
+
+    def release(self):
+        """The generation is over: on CUDA its cache goes back to the model for the next one (new_cache)."""
+        if self.at.device.type == "cuda":
+            b, size = self.key_ok.shape
+            self.model.__dict__.setdefault("_static_caches", {})[b, size] = self.cache
