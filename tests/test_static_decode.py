@@ -86,6 +86,21 @@ def test_refused_by_name(tiny_decoder):
     assert graphs() == before + 1                           # the refused ones compiled nothing
 
 
+def test_a_second_compile_reads_the_disk_cache(monkeypatch, tmp_path, tiny_decoder):
+    """What a second process does: trace again, then load inductor's compiled graph from the disk cache instead
+    of compiling it (dynamo's in-memory state reset stands for the new process)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model = minibt.from_hub(tiny_decoder("llama-gqa")[0])
+    ids, mask = left_padded(99, 0)
+    first = greedy(model, ids, mask, compile=True)
+    assert any((tmp_path / "inductor").rglob("*.py"))                      # the compiled graph is on disk there
+    torch._dynamo.reset()
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+    assert torch.equal(greedy(model, ids, mask, compile=True), first)
+    assert counters["inductor"]["fxgraph_cache_hit"] == hits + 1
+
+
 def test_cache_dir_defaults_under_minibt(monkeypatch, tiny_decoder):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")          # recorded, so the test leaves the env as it found it
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
