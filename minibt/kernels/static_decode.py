@@ -55,7 +55,7 @@ BUCKET = 128                       # cache capacity rounds up to this: one compi
 
 def check(model, mode: str, length: int) -> None:
     """Refuse, by name, what the static step cannot run exactly."""
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise BackendError(f"compile={mode!r}: choose True, 'default' or 'max-autotune'")
     if isinstance(model, GptOss) or not isinstance(model, (OPT, Bloom, Llama)):
         raise BackendError(f"compile=True: the static decode step does not run {model.family} (gpt-oss: its "
