@@ -100,10 +100,16 @@ def main():
     ap.add_argument("--note", default="", help="a paragraph to add under the quantized table")
     ap.add_argument("--families", action="store_true",
                     help="the families section instead: each Llama relative at a real model's layer shapes")
+    ap.add_argument("--compile-mode", default="max-autotune", choices=("default", "max-autotune"),
+                    help="the quantized section's compiled minibt rows (default %(default)s)")
     ap.add_argument("--rss", help=argparse.SUPPRESS)             # internal: one variant's resident memory
+    ap.add_argument("--warm", help=argparse.SUPPRESS)            # internal: one compiled variant's warm start
     args = ap.parse_args()
+    COMPILE[0] = args.compile_mode
     if args.rss:
         return print(rss_of_variant(args.rss))
+    if args.warm:
+        return print(warm_start(args.warm, args.prompt))
     if args.quantized:
         return quantized_main(args)
     if args.families:
@@ -207,6 +213,7 @@ def families_main(args):
 
 GGUF_Q4 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_PROBLEM = []
+COMPILE = ["max-autotune"]                       # generate(compile=...) of the "compiled" rows (--compile-mode)
 
 
 def gguf_files() -> dict:
@@ -236,7 +243,8 @@ def gguf_files() -> dict:
 
 
 def load_variant(name: str):
-    """name -> (object, decode(ids, n) callable). Variants: 'transformers fp32|bf16', 'minibt fp32|bf16|int8|int4',
+    """name -> (object, decode(ids, n) callable). Variants: 'transformers fp32|bf16', 'minibt fp32|bf16|int8|int4'
+    (+ ' bf16' for quantized with bf16 norms and attention, + ' compiled' for the static decode step),
     'llama.cpp Q8_0|Q4_1'."""
     folder = build_smollm2()
     kind, _, what = name.partition(" ")
@@ -251,18 +259,40 @@ def load_variant(name: str):
         parts = what.split()                             # "fp32" | "bf16" | "int8" | "int8 bf16" | ...
         model = minibt.from_hub(folder, quantize=next((p for p in parts if p.startswith("int")), None),
                                 dtype=torch.bfloat16 if "bf16" in parts else torch.float32)
-        return model, lambda ids, n: model.generate(ids, max_new_tokens=n, eos_token_id=[])
+        compile = COMPILE[0] if "compiled" in parts else False
+        return model, lambda ids, n: model.generate(ids, max_new_tokens=n, eos_token_id=[], compile=compile)
     import llama_cpp
     import numpy as np
     llm = llama_cpp.Llama(str(gguf_files()[what]), n_ctx=512, n_threads=torch.get_num_threads(), n_batch=512,
                           verbose=False)
 
+    def next_token():
+        # the last evaluated token's logits, as llama.cpp returns them: without logits_all=True, llm.scores is
+        # never filled (its argmax was token 0 every step), and logits_all would make the prefill compute the LM
+        # head for every prompt token
+        row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(row, shape=(llm.n_vocab(),))))
+
     def decode(ids, n):                           # prefill, then n greedy steps; the reset clears the KV cache
         llm.reset()
         llm.eval(ids[0].tolist())
+        out = [next_token()]
         for _ in range(n - 1):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval(out[-1:])
+            out.append(next_token())
+        return torch.tensor([ids[0].tolist() + out])
     return llm, decode
+
+
+def warm_start(name: str, prompt: int) -> str:
+    """Seconds from loading `name` to its first compiled decode step done, in this (fresh) process: with the
+    compiled kernels in inductor's disk cache (the parent compiled them), the load, re-tracing and cache reads."""
+    start = time.perf_counter()
+    _, decode = load_variant(name)
+    ids, _ = prompts(1, prompt)
+    with torch.inference_mode():
+        decode(ids, 2)
+    return f"{time.perf_counter() - start:.1f}"
 
 
 def rss_of_variant(name: str) -> str:
@@ -280,17 +310,22 @@ def quantized_main(args):
     import tempfile
     import minibt
     from minibt.kernels.quantize import QUANTIZED_FILE, save_quantized
+    import os
     folder = build_smollm2()
     ggufs = gguf_files()
+    # compiled kernels go to a fresh disk cache: the first call pays the whole compile, the warm-start child reads it
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="minibt-inductor-")
     names = ["transformers fp32", "transformers bf16", "minibt fp32", "minibt bf16", "minibt int8", "minibt int4",
              "minibt int8 bf16", "minibt int4 bf16"]
+    names += [f"minibt {v} compiled" for v in ("fp32", "bf16", "int8", "int4")]
     names += [f"llama.cpp {q}" for q in ggufs]
     runs = {n: load_variant(n)[1] for n in names}
     ids, _ = prompts(1, args.prompt)
     times = {n: {"pre": [], "all": []} for n in names}
+    first, greedy = {}, {}
     with torch.inference_mode():
-        for fn in runs.values():
-            fn(ids, 2)                                                   # warm-up
+        for n, fn in runs.items():
+            first[n] = _timed(lambda: greedy.setdefault(n, fn(ids, 1 + args.new)))    # warm-up (compiles)
         for _ in range(args.reps):
             for n, fn in runs.items():                                   # interleaved
                 times[n]["pre"].append(_timed(lambda: fn(ids, 1)))
@@ -304,21 +339,37 @@ def quantized_main(args):
             disk[f"minibt {scheme}{suffix}"] = save_quantized(minibt.from_hub(folder, quantize=scheme, dtype=dtype),
                                                               tmp / f"{scheme}{suffix.strip()}") / QUANTIZED_FILE
     disk.update({f"llama.cpp {q}": p for q, p in ggufs.items()})
+    for n in names:
+        if n.endswith(" compiled"):
+            disk[n] = disk.get(n.removesuffix(" compiled"), disk.get(n.removesuffix(" compiled") + " bf16"))
     rows = []
     base = decode["transformers fp32"]
     for n in names:
-        rss = subprocess.run([sys.executable, __file__, "--rss", n], capture_output=True, text=True).stdout.split()
-        size = f"{disk[n].stat().st_size / 2**20:.0f}" if n in disk else ("(fp32 file, cast at load)" if "bf16" in n else "")
+        rss = subprocess.run([sys.executable, __file__, "--rss", n, "--compile-mode", COMPILE[0]],
+                             capture_output=True, text=True).stdout.split()
+        size = f"{disk[n].stat().st_size / 2**20:.0f}" if disk.get(n) else ("(fp32 file, cast at load)" if "bf16" in n else "")
+        compiled, warm = "", ""
+        if n.endswith(" compiled"):
+            compiled = f"{first[n] - statistics.median(times[n]['all']):.0f}"     # the warm-up less a timed run
+            warm = subprocess.run([sys.executable, __file__, "--warm", n, "--compile-mode", COMPILE[0], "--prompt",
+                                   str(args.prompt)], capture_output=True, text=True).stdout.strip() or "?"
+        # greedy check: the new tokens agree with minibt fp32's (llama.cpp: same weights, other arithmetic, so
+        # the first tokens; a non-greedy decode does not agree at all)
+        agree = int((greedy[n][0, ids.shape[1]:] == greedy["minibt fp32"][0, ids.shape[1]:]).cumprod(0).sum())
         rows.append([n, f"{decode[n]:.1f}", f"{decode[n] / base:.2f}x", f"{decode[n] / decode['transformers bf16']:.2f}x",
-                     size, rss[0] if rss else "?", rss[1] if rss else "?"])
+                     size, rss[0] if rss else "?", rss[1] if rss else "?", compiled, warm, f"{agree}/{args.new + 1}"])
     notes = []
     for scheme, goal, q in (("int8", 2.5, "Q8_0"), ("int4", 3.5, "Q4_1")):
-        r = decode[f"minibt {scheme}"]
-        line = f"- {scheme}: {r / base:.2f}x transformers fp32 (goal >= {goal}x: {'met' if r / base >= goal else 'MISSED'})"
-        if f"llama.cpp {q}" in decode:
-            lr = decode[f"llama.cpp {q}"]
-            line += f"; {r / lr:.2f}x llama.cpp {q} (goal >= 1.0x: {'met' if r >= lr else 'MISSED'})"
-        notes.append(line)
+        for variant in (f"minibt {scheme}", f"minibt {scheme} compiled"):
+            r = decode[variant]
+            line = f"- {variant}: {r / base:.2f}x transformers fp32 (goal >= {goal}x: {'met' if r / base >= goal else 'MISSED'})"
+            if f"llama.cpp {q}" in decode:
+                lr = decode[f"llama.cpp {q}"]
+                line += f"; {r / lr:.2f}x llama.cpp {q} (goal >= 1.0x: {'met' if r >= lr else 'MISSED'})"
+            notes.append(line)
+    for d in ("fp32", "bf16"):
+        r = decode[f"minibt {d} compiled"] / decode[f"transformers {d}"]
+        notes.append(f"- minibt {d} compiled: {r:.2f}x transformers {d} (goal >= 2x: {'met' if r >= 2 else 'MISSED'})")
     if not ggufs:
         notes.append("- " + (LLAMA_PROBLEM[0] if LLAMA_PROBLEM else
                              "llama.cpp rows skipped: llama-cpp-python is not installed"))
@@ -330,9 +381,12 @@ def quantized_main(args):
             "and a Q8_0 requantized from it by llama.cpp (both from the same weights as the fp32 fixture). Disk: the "
             "file a deployment ships (minibt: save_quantized's file). RSS: a fresh process after loading and "
             "decoding 8 tokens (VmRSS; peak = VmHWM), which includes ~300-400 MiB of torch + Python for every "
-            "torch row.\n\n"
+            f"torch row. '... compiled': generate(compile={COMPILE[0]!r}), the static decode step "
+            "(minibt/kernels/static_decode.py); compile s: its first call less a timed one, into an empty inductor "
+            "cache; warm start s: a second process from load to its first compiled step, reading that cache. Greedy "
+            "agrees: the leading new tokens equal to minibt fp32's.\n\n"
             + table(["variant", "decode tok/s", "vs transformers fp32", "vs transformers bf16", "size on disk MiB",
-                     "RSS MiB", "peak RSS MiB"], rows)
+                     "RSS MiB", "peak RSS MiB", "compile s", "warm start s", "greedy agrees"], rows)
             + "\n\n" + "\n".join(notes) + (f"\n\n{args.note}" if args.note else ""))
     write_section("generate_quantized", body)
 

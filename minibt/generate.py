@@ -96,10 +96,12 @@ def pick_next(logits, *, do_sample, temperature, top_k, top_p, generator):
 
 @torch.inference_mode()
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, temperature=1.0,
-             top_k=None, top_p=None, seed=None, eos_token_id=None, pad_token_id=None, streamer=None):
+             top_k=None, top_p=None, seed=None, eos_token_id=None, pad_token_id=None, streamer=None, compile=False):
     """(B, S) prompts, left-padded (right padding is repacked to the left) -> (B, S + new). Rows that produced eos_token_id are padded with pad_token_id
     afterwards, and generation stops when every row has. eos/pad default to the checkpoint's generation_config.json
-    or config.json (pass eos_token_id=[] to never stop early). `streamer(ids)` gets each step's (B,) tokens."""
+    or config.json (pass eos_token_id=[] to never stop early). `streamer(ids)` gets each step's (B,) tokens.
+    compile: True / "default" or "max-autotune": the decode steps run one compiled static-shape step
+    (minibt/kernels/static_decode.py; the prefill stays eager); greedy tokens are the eager ones."""
     check_model(model)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise InputError("generate needs input_ids as a (batch, prompt length) tensor")
@@ -127,13 +129,23 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
     generator = None
     if seed is not None:
         generator = torch.Generator(input_ids.device).manual_seed(seed)
-    cache = KVCache.for_model(model, b, s + max_new_tokens)
+    static = None
+    if compile:
+        from .kernels import static_decode
+        mode = "default" if compile is True else compile
+        static_decode.check(model, mode, s + max_new_tokens)
+        cache = static_decode.new_cache(model, b, s + max_new_tokens)
+    else:
+        cache = KVCache.for_model(model, b, s + max_new_tokens)
     mask = attention_mask.long()
     out = model(input_ids, attention_mask=mask, past_key_values=cache, last_only=True)
+    logits = out.logits[:, -1]
+    if compile:
+        static = static_decode.StaticDecoder(model, cache, mask, s + max_new_tokens, mode)
     seqs, done = [input_ids], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(sorted(eos), device=input_ids.device) if eos else None
     for step in range(max_new_tokens):
-        nxt = pick_next(out.logits[:, -1].float(), do_sample=do_sample, temperature=temperature, top_k=top_k,
+        nxt = pick_next(logits.float(), do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p, generator=generator)
         if eos_t is not None:
             nxt = nxt.masked_fill(done, pad)
@@ -143,6 +155,11 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
             streamer(nxt)
         if step == max_new_tokens - 1 or (eos_t is not None and bool(done.all())):
             break
+        if static is not None:
+            logits = static(nxt[:, None])
+            continue
         mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
-        out = model(nxt[:, None], attention_mask=mask, past_key_values=cache, last_only=True)
+        logits = model(nxt[:, None], attention_mask=mask, past_key_values=cache, last_only=True).logits[:, -1]
+    if static is not None:
+        static.release()
     return torch.cat(seqs, 1)

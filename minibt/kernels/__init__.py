@@ -9,6 +9,7 @@ on this project's CPU (2 threads, torch 2.13; figures from docs/benchmarks.md an
 | `rmsnorm`        | Llama's RMSNorm -> one LayerNorm over [x, -x]  | `optimize` (from_hub default) | 1.4-1.6 ms of a 25-46 ms decode step |
 | `fused_encoder`  | an encoder's layer stack -> torch's fused encoder-layer op on a nested tensor | `set_attention("fused")` (registered here) | slower than varlen here at every padding (README table); never picked by auto |
 | `compile_mlp`    | each encoder layer's MLP -> torch.compile'd   | `from_hub(compile=True)`     | none measured (fp32, bf16) |
+| `static_decode`  | generate's decode steps -> one fullgraph torch.compile'd static-shape step (fixed-size caches, masked full-length attention, a RoPE table) | `generate(compile=True)`, `minibt generate --compile` | SmolLM2-135M int8 / int4: 86 / 113 vs 46 / 79 tok/s eager (max-autotune; issue 28's measurement) |
 | `malloc`         | glibc keeps freed activation memory (process-wide, so only when asked) | `embed(..., keep_memory=True)`, `minibt embed --file`, `minibt serve` | bf16 embedding +5-10% |
 
 `optimize(model)` applies the default ones that apply to this model; `from_hub(..., optimize=False)` gives the plain

@@ -74,8 +74,10 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)              # a fresh tensor: contiguous and aligned
-        elif x2.data_ptr() % 64 or not x2.is_contiguous():
-            x2 = x2.clone(memory_format=torch.contiguous_format)   # the integer kernels want aligned rows
+        elif torch.compiler.is_compiling() or x2.data_ptr() % 64 or not x2.is_contiguous():
+            # the integer kernels want aligned rows; a compiled step cannot read an address (its buffers are
+            # inductor's own, aligned: the copy is then a fresh buffer or folded away)
+            x2 = x2.clone(memory_format=torch.contiguous_format)
         same = self.bias is not None and self.bias.dtype == torch.bfloat16
         y = self.mm(x2, self.bias if same else None)               # (rows, out) bf16
         if self.bias is not None and not same:

@@ -321,6 +321,9 @@ def generate_args(p):
     p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=None,
                    help="with --sample: nucleus sampling, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="with --sample: reproducible sampling")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "max-autotune"),
+                   help="decode with a compiled static step (compiled once per machine: inductor's disk cache); "
+                        "max-autotune: slower to compile, faster to run")
 
 
 def generate_run(args):
@@ -353,7 +356,8 @@ def generate_run(args):
     if args.max_new_tokens:
         model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, streamer=stream)
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, streamer=stream,
+                       compile=args.compile or False)
     print()
 
 
