@@ -22,7 +22,9 @@ def from_hub(name_or_path, attn: str = "auto", dtype=None, device="cpu", revisio
     head: "auto" (from config.json "architectures"), "base", "masked-lm", "sequence-classification", "causal-lm";
     optimize: apply minibt.kernels' default CPU transforms (False: the plain reference model);
     compile: torch.compile each encoder layer's MLP (kernels/compile.py);
-    quantize: "int8" | "int4": integer weights for the linear layers, right after loading (kernels/quantize.py); a
+    quantize: "int8" | "int4": integer weights for the linear layers, right after loading (kernels/quantize.py);
+    "w8a8": int8 weights and int8 activations (CPU); "auto": for an encoder on the CPU, the fastest path measured for
+    this kind of CPU that keeps embeddings within min cosine 0.99 of fp32 (kernels.quantize.auto_path; README); a
     folder written by minibt.kernels.quantize.save_quantized loads as the quantized model it holds."""
     from .loading import load
     return load(name_or_path, attn=attn, dtype=dtype, device=device, revision=revision, head=head, compile=compile,

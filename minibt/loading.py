@@ -48,6 +48,9 @@ def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, 
     config_path = inside(folder, "config.json")
     config = read_json(config_path, required=True)
     cls = model_class(config, config_path)
+    if quantize == "auto":                    # the fastest path on this CPU that keeps min cosine >= 0.99
+        auto_dtype, quantize, _ = quantization.auto_path() if device.type == "cpu" and not cls.causal else (None, None, "")
+        dtype = auto_dtype if dtype is None else dtype
     source = open_source(folder, config, cls, head=head, dtype=dtype, device=device, quantize=quantize)
     cfg = cls.config_from_hf(source.config, str(config_path))
     check_layers(cfg.num_layers, source, config_path)          # before building: the build costs per layer

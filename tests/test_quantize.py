@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import minibt
 import real_corpus
 from minibt import attention
-from minibt.kernels.quantize import (Int4Linear, Int8Linear, QuantizeError, int4_group_size, quantize,
+from minibt.kernels.quantize import (Int4Linear, Int8Linear, QuantizeError, W8A8Linear, int4_group_size, quantize,
                                      save_quantized, QUANTIZED_FILE)
 from conftest import left_padded, ragged_batch
 
@@ -102,7 +102,7 @@ def _backends(model):
     return [b for b in attention.backends() if not (b == "fused" and model.family in ("llama", "opt"))]
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
 def test_every_backend_runs_on_a_quantized_encoder(tiny, scheme):
     folder, _ = tiny("BertForMaskedLM", intermediate_size=64)       # widths divisible by an int4 group
     model = minibt.from_hub(folder, quantize=scheme)
@@ -190,7 +190,7 @@ def _tiny_llama(folder, **kw):
     return folder
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
 def test_bf16_quantized_round_trip_and_load_arguments(tmp_path, scheme):
     """A bf16 quantized model (what the README recommends) saves and loads back bit-identically; a saved folder loads
     as saved: another dtype or head is refused by name, not silently ignored; compile= still applies."""
@@ -301,6 +301,20 @@ def test_minilm_int8_embeddings_on_a_real_corpus(minilm):
     assert cos >= 0.99, cos
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_minilm_w8a8_embeddings_on_a_real_corpus(minilm, dtype):
+    """int8 activations too: min cosine to fp32 on 1,000 real texts measured 0.9897 (fp32 model) here; the test
+    holds it to >= 0.985 (README: under the 0.99 bar, so quantize="auto" does not pick it)."""
+    texts = stdlib_corpus(1000)
+    tok = minibt.load_tokenizer(minilm)
+    fp = minibt.embed(minibt.from_hub(minilm), tok, texts)
+    model = minibt.from_hub(minilm, quantize="w8a8", dtype=dtype)
+    assert all(isinstance(m, W8A8Linear) for m in model.layers.modules() if isinstance(m, Int8Linear))
+    q = minibt.embed(model, tok, texts)
+    assert F.cosine_similarity(q.float(), fp).min().item() >= 0.985
+
+
 @pytest.fixture(scope="module")
 def smol(smollm2):
     tok = minibt.load_tokenizer(smollm2)
@@ -376,3 +390,56 @@ def test_cli_quantize_flag(minilm):
     assert "| output |" in r.stdout and "| sdpa |" in r.stdout
     r = run("audit", "--backends", "auto", "text")               # auto is audited on its layer outputs
     assert r.returncode == 0 and "| auto | layer outputs (auto ran sdpa) |" in r.stdout, r.stderr
+
+
+def _reference_codes(x, sx):
+    return torch.round(x.double() / sx.double())
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_kernel_equals_its_plain_form(rows, dtype):
+    """The oneDNN route (uint8 codes, zero point 128, sums in int32) against the float64 textbook form on the same
+    integer codes: equal up to fp32 rounding of the output, for any rows (decode and encoder batches); an outlier
+    row does not change the others' codes (per-row scales)."""
+    torch.manual_seed(rows)
+    lin = torch.nn.Linear(96, 80)
+    layer = W8A8Linear.from_weight(lin.weight, lin.bias)
+    x = torch.randn(rows, 96).to(dtype)
+    got, want = layer(x), layer(x.double())
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
+    # the plain form itself: y = round(x / sx) q^T sx s + b, with sx = max|x_row| / levels
+    sx = (x.double().abs().amax(1, keepdim=True).float() / layer.levels).double()      # the scale in fp32
+    by_hand = (_reference_codes(x, sx) @ layer.qweight.double().T) * sx * layer.scale.double() + lin.bias.double()
+    torch.testing.assert_close(want, by_hand, atol=1e-9, rtol=1e-9)
+    x2 = x.clone()
+    x2[0] *= 1000                                                   # one outlier row
+    torch.testing.assert_close(layer(x2)[1:], got[1:])
+    # within the documented error of the float layer: half a code of x and of w per product
+    err = (want - lin(x.double().float()).double()).abs().max().item()
+    bound = (sx.max() * lin.weight.double().abs().sum(1).max() + x.double().abs().max() * layer.scale.max() * 96)
+    assert err <= bound.item()
+
+
+def test_w8a8_activation_levels_follow_the_cpu():
+    from minibt.kernels import quantize as q
+    assert q.activation_levels() == (127 if q.cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else 63)
+
+
+def test_auto_picks_by_cpu_feature_and_only_for_encoders_on_the_cpu(tiny, tiny_decoder, monkeypatch):
+    from minibt.kernels import quantize as q
+    assert q.auto_path({"amx_bf16", "avx512_vnni"})[:2] == (torch.bfloat16, None)
+    assert q.auto_path({"avx512_vnni", "avx512_bf16"})[:2] == (torch.bfloat16, None)
+    assert q.auto_path({"avx2", "avx512_vnni"})[:2] == (None, None)
+    folder, _ = tiny("BertForMaskedLM", intermediate_size=64)
+    for flags, scheme, dtype in (({"avx512_bf16"}, None, torch.bfloat16), ({"amx_bf16"}, None, torch.bfloat16),
+                                 ({"avx2"}, None, torch.float32)):
+        monkeypatch.setattr(q, "cpu_flags", lambda flags=flags: set(flags))
+        model = minibt.from_hub(folder, quantize="auto")
+        assert (getattr(model, "quantization", None) or {}).get("scheme") == scheme
+        assert next(model.parameters()).dtype == dtype
+        assert next(minibt.from_hub(folder, quantize="auto", dtype=torch.float32).parameters()).dtype == torch.float32
+    decoder = minibt.from_hub(tiny_decoder("llama-gqa")[0], quantize="auto")
+    assert not getattr(decoder, "quantization", None)             # decoders: measured separately, left as loaded

@@ -38,6 +38,7 @@ from torch import nn
 from ..errors import MinibtError
 
 SCHEMES = ("int8", "int4", "w8a8")
+CHOICES = SCHEMES + ("auto",)            # "auto": auto_path(), encoders on the CPU
 GROUP_SIZES = (256, 128, 64, 32)          # int4 group sizes the kernel takes
 GEMV_ROWS = 16                            # int8: up to this many rows, the weight-only integer kernel
 CHUNK_ROWS = 4096                         # rows quantized at a time (a multiple of the int4 packing's 64-row blocks)
@@ -149,6 +150,25 @@ def activation_levels() -> int:
     return 127 if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else 63
 
 
+# quantize="auto" for an encoder on the CPU: the fastest path measured on each kind of CPU that keeps the
+# embeddings' min cosine to fp32 >= 0.99 (all-MiniLM-L6-v2, real texts; benchmarks/embed_corpus.py, docs/benchmarks.md).
+# (flags any of which the CPU has, dtype, scheme, why)
+AUTO_PATHS = (
+    ({"amx_bf16"}, torch.bfloat16, None,
+     "AMX: bf16 GEMMs on the AMX tiles, the fastest measured there (3.4x fp32; int8 weights 0.9x bf16); min cosine 0.9999"),
+    ({"avx512_bf16"}, torch.bfloat16, None,
+     "AVX-512 bf16 without AMX (AMD Zen 4): bf16 2.0x fp32, min cosine 0.9999; w8a8 was faster still (2.7x fp32) but "
+     "its min cosine, 0.990, is under the bar"),
+    (set(), None, None, "no bf16 or AMX units: fp32 (bf16 is emulated there; w8a8 not measured on such a CPU)"),
+)
+
+
+def auto_path(flags: set | None = None) -> tuple:
+    """(dtype or None for the checkpoint's, scheme or None, why) that quantize="auto" picks on this CPU."""
+    flags = cpu_flags() if flags is None else flags
+    return next((dtype, scheme, why) for need, dtype, scheme, why in AUTO_PATHS if not need or flags & need)
+
+
 class W8A8Linear(Int8Linear):
     """int8 weights as Int8Linear, and int8 activations: each row of x is quantized at run time to
     qx = round(x / sx) with sx = max|x_row| / L (L = 127, or 63 on CPUs without VNNI: `activation_levels`;
@@ -173,7 +193,7 @@ class W8A8Linear(Int8Linear):
         qx = torch.mul(x2, sx.reciprocal()).round_().to(torch.int8).view(torch.uint8).bitwise_xor_(128)
         y = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, self.packed(), self.scale, self.zeros(), None, 1.0, 0,
                                                torch.float32, "none", [None], "")
-        y = y.mul_(sx) if self.bias is None else torch.addcmul(self.bias, y, sx, out=y)   # one pass, in place
+        y = y.mul_(sx) if self.bias is None else torch.addcmul(self.bias, y, sx)   # scale and bias in one pass
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def mm_reference(self, x, sx):

@@ -126,8 +126,9 @@ def add_dtype(p, default=None, help="weights and activations dtype (default: the
 
 
 def add_quantize(p):
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="integer weights for the linear layers, made at load (minibt.kernels.quantize)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "w8a8", "auto"],
+                   help="integer weights for the linear layers, made at load (minibt.kernels.quantize); w8a8: int8 "
+                        "activations too; auto: the fastest path measured for this CPU (encoders; see the README)")
 
 
 # --------------------------------------------------------------------------------------------- helpers
