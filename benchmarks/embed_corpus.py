@@ -43,7 +43,7 @@ def time_split(fn, seconds: float) -> dict[str, float]:
     return split
 
 
-def onnx_runner(folder: Path, tok, texts, max_len: int, int8: bool = False):
+def onnx_runner(folder: Path, tok, texts, max_len: int, int8: bool = False, per_channel: bool = False):
     """transformers model exported with the legacy exporter, attention fused by onnxruntime's BERT optimizer,
     texts sorted by token count, batch 32, mean pooling + normalisation in numpy. int8: that same fused export
     through onnxruntime.quantization.quantize_dynamic (QInt8 weights, dynamic uint8 activations), as optimum,
@@ -74,7 +74,7 @@ def onnx_runner(folder: Path, tok, texts, max_len: int, int8: bool = False):
         from onnxruntime.quantization import QuantType, quantize_dynamic
         import onnx                              # the fused attention op has no shape inference: say float
         quantize_dynamic(str(path), str(tmp / "fused-int8.onnx"), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                         per_channel=per_channel, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         path = tmp / "fused-int8.onnx"
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
@@ -109,11 +109,89 @@ def quantized_notes(results, vectors, st_fp32: float) -> list[str]:
     return notes
 
 
+def cpu_line() -> str:
+    from minibt.kernels.quantize import auto_path, cpu_flags
+    flags = cpu_flags()
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    dtype, scheme, why = auto_path()
+    return f"CPU: {model}; features: {', '.join(have) or 'none of AVX2/AVX-512/AMX'}. quantize='auto' here: {why}"
+
+
+def main_issue26(args):
+    """Issue 26's table: every minibt path against ONNX Runtime (fp32, int8 default, int8 per-channel), all
+    length-sorted, and sentence-transformers, on the same real texts in one run; rounds interleaved; tokenisation
+    included; min cosine against sentence-transformers fp32."""
+    import minibt
+    from sentence_transformers import SentenceTransformer
+    from minibt.hub import bundled_model
+    import transformers
+    folder = bundled_model()
+    texts = test_module("real_corpus").stdlib_corpus(args.n, 0)
+    tok = minibt.load_tokenizer(folder)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    st = SentenceTransformer(str(folder), device="cpu")
+    runs = {}
+    for label, kw in (("fp32", {}), ("bf16", dict(dtype=torch.bfloat16)), ("quantize='int8' (fp32 model)", dict(quantize="int8")),
+                      ("quantize='int8' (bf16 model)", dict(quantize="int8", dtype=torch.bfloat16)),
+                      ("quantize='w8a8' (fp32 model)", dict(quantize="w8a8")),
+                      ("quantize='w8a8' (bf16 model)", dict(quantize="w8a8", dtype=torch.bfloat16)),
+                      ("quantize='auto'", dict(quantize="auto"))):
+        model = minibt.from_hub(folder, **kw)
+        runs[f"minibt.embed, {label}"] = lambda model=model: minibt.embed(model, tok, texts, keep_memory=True)
+    enc = minibt.Encoder()
+    runs["minibt Encoder().encode() fp32 (default batching)"] = lambda: enc.encode(texts, convert_to_tensor=True)
+    runs["minibt Encoder().encode(batch_size=32) fp32"] = lambda: enc.encode(texts, batch_size=32, convert_to_tensor=True)
+    try:
+        runs["ONNX Runtime fp32, sorted"] = onnx_runner(folder, hf_tok, texts, 256)
+        runs["ONNX Runtime int8, quantize_dynamic defaults, sorted"] = onnx_runner(folder, hf_tok, texts, 256, int8=True)
+        runs["ONNX Runtime int8, per_channel=True, sorted"] = onnx_runner(folder, hf_tok, texts, 256, int8=True,
+                                                                          per_channel=True)
+    except ImportError as e:
+        print(f"ONNX Runtime rows skipped: {e.name} is not installed")
+    runs["sentence-transformers fp32, batch 32"] = lambda: st.encode(texts, batch_size=32, convert_to_tensor=True).float()
+    times = {name: [] for name in runs}
+    vectors = {name: fn() for name, fn in runs.items()}                  # warm-up, and the vectors compared
+    for _ in range(args.rounds):                                         # interleaved rounds, best of each
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    ref = vectors["sentence-transformers fp32, batch 32"]
+    speed = {name: len(texts) / min(t) for name, t in times.items()}
+    base = speed.get("ONNX Runtime int8, per_channel=True, sorted")
+    ort32 = speed.get("ONNX Runtime fp32, sorted")
+    cos = {name: F.cosine_similarity(torch.as_tensor(v).float(), ref).min().item() for name, v in vectors.items()}
+    rows = [[name, f"{speed[name]:.0f}", f"{speed[name] / base:.2f}x" if base else "", f"{cos[name]:.4f}"]
+            for name in sorted(runs, key=lambda n: -speed[n])]
+    ok = [n for n in runs if n.startswith("minibt") and cos[n] >= 0.99]
+    best = max(ok, key=lambda n: speed[n])
+    notes = [f"- minibt's fastest path with min cosine >= 0.99: {best}, {speed[best]:.0f} texts/s"
+             + (f" = {speed[best] / base:.2f}x ONNX Runtime int8 per-channel (goal >= 1.2x: "
+                f"{'met' if speed[best] / base >= 1.2 else 'MISSED'})" if base else "")]
+    if ort32:
+        r = speed["minibt.embed, fp32"] / ort32
+        notes.append(f"- minibt fp32 {r:.2f}x ONNX Runtime fp32 (goal >= 1.1x: {'met' if r >= 1.1 else 'MISSED'})")
+    r = speed["minibt Encoder().encode() fp32 (default batching)"] / speed["minibt.embed, fp32"]
+    notes.append(f"- Encoder().encode() with its default batching: {r:.2f}x minibt.embed (goal: no loss)")
+    body = (cpu_line() + "\n\n"
+            + f"{len(texts)} real texts (tests/real_corpus.py), all-MiniLM-L6-v2, tokenisation included, best of "
+            f"{args.rounds} interleaved rounds, {torch.get_num_threads()} threads.\n\n"
+            + table(["contender", "texts/s", "vs ONNX Runtime int8 per-channel", "min cosine vs sentence-transformers fp32"],
+                    rows) + "\n\n" + "\n".join(notes))
+    write_section("embed_corpus_cpus", body)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--cpus", action="store_true", help="issue 26's table: every minibt path vs ONNX Runtime "
+                    "fp32/int8/int8 per-channel and sentence-transformers, with the CPU's features")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.cpus:
+        return main_issue26(args)
     import minibt
     from sentence_transformers import SentenceTransformer
     from minibt.hub import bundled_model

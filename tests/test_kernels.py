@@ -1,10 +1,11 @@
 """Every kernel transform against the plain form it replaces (minibt/kernels/__init__.py lists them)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import minibt
 from minibt import kernels
-from minibt.kernels import decode_linear, rmsnorm
+from minibt.kernels import decode_linear, onednn_linear, rmsnorm
 from conftest import left_padded, ragged_batch
 
 
@@ -35,10 +36,33 @@ def test_optimize_equals_the_plain_model(tiny_decoder, name, dtype):
                            fast.generate(ids, attention_mask=mask, max_new_tokens=6))
 
 
-def test_optimize_leaves_encoders_plain(tiny):
+def test_optimize_gives_encoders_only_the_packed_linears(tiny):
     model = minibt.from_hub(tiny("BertModel")[0])
     assert not any(type(m) is decode_linear.DecodeLinear for m in model.modules())
-    assert set(kernels.DEFAULT) == {"decode_linear", "rmsnorm"}
+    assert set(kernels.DEFAULT) == {"decode_linear", "rmsnorm", "onednn_linear"}
+    packed = any(type(m) is onednn_linear.PackedLinear for m in model.modules())
+    assert packed == onednn_linear.NOT_INTEL                     # MKL stays where it was measured the faster
+
+
+@pytest.mark.parametrize("arch", ["BertModel", "ModernBertModel"])
+def test_packed_linears_equal_the_plain_encoder(tiny, arch, monkeypatch):
+    """The onednn_linear transform (forced on, whatever the CPU) against from_hub(optimize=False): same outputs
+    within fp32 rounding, in inference and with gradients on (where F.linear runs); a weight changed in place is
+    packed again."""
+    monkeypatch.setattr(onednn_linear, "NOT_INTEL", True)
+    folder = tiny(arch)[0]
+    plain, fast = minibt.from_hub(folder, optimize=False), minibt.from_hub(folder)
+    assert any(type(m) is onednn_linear.PackedLinear for m in fast.modules())
+    ids, mask = ragged_batch(fast.config.vocab_size, 0)
+    with torch.inference_mode():
+        want, got = plain(ids, attention_mask=mask).last_hidden_state, fast(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast(ids, attention_mask=mask).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+    layer = next(m for m in fast.modules() if type(m) is onednn_linear.PackedLinear)
+    x = torch.randn(3, 5, layer.in_features)
+    with torch.no_grad():
+        layer.weight.mul_(2)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
 def test_fused_transform_swaps_and_restores_the_stack(tiny):

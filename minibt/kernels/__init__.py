@@ -7,6 +7,7 @@ on this project's CPU (2 threads, torch 2.13; figures from docs/benchmarks.md an
 |------------------|------------------------------------------------|------------------------------|---------------|
 | `decode_linear`  | decoders' nn.Linear -> DecodeLinear (bf16 mv / W @ x^T for 1-16 tokens); fp32 weights column-major | `optimize` (from_hub default) | linears of a SmolLM2 step 16 vs 23-26 ms (bf16), 18.8 vs 24.3 ms (fp32) |
 | `rmsnorm`        | Llama's RMSNorm -> one LayerNorm over [x, -x]  | `optimize` (from_hub default) | 1.4-1.6 ms of a 25-46 ms decode step |
+| `onednn_linear`  | encoders' nn.Linear -> PackedLinear (oneDNN on a weight prepacked once; fp32 inference) on non-Intel CPUs | `optimize` (from_hub default) | AMD Zen 4, 4,096 tokens: 18.7-24.3 vs 26.2-39.5 ms a linear (MKL) |
 | `fused_encoder`  | an encoder's layer stack -> torch's fused encoder-layer op on a nested tensor | `set_attention("fused")` (registered here) | slower than varlen here at every padding (README table); never picked by auto |
 | `compile_mlp`    | each encoder layer's MLP -> torch.compile'd   | `from_hub(compile=True)`     | none measured (fp32, bf16) |
 | `static_decode`  | generate's decode steps -> one fullgraph torch.compile'd static-shape step (fixed-size caches, masked full-length attention, a RoPE table) | `generate(compile=True)`, `minibt generate --compile` | SmolLM2-135M int8 / int4: 86 / 113 vs 46 / 79 tok/s eager (max-autotune; issue 28's measurement) |
@@ -18,10 +19,10 @@ reference model (the numbers differ only by rounding: each transform's test stat
 from __future__ import annotations
 
 from .. import attention
-from . import decode_linear, fused_encoder, rmsnorm
+from . import decode_linear, fused_encoder, onednn_linear, rmsnorm
 
 attention.register_transform("fused", fused_encoder, packed=True)
-DEFAULT = {"decode_linear": decode_linear, "rmsnorm": rmsnorm}
+DEFAULT = {"decode_linear": decode_linear, "rmsnorm": rmsnorm, "onednn_linear": onednn_linear}
 
 
 def optimize(model):
