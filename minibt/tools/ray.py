@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import read_json
+from ..config import loads, read_json
 from ..errors import InputError, MinibtError
 from .embed_file import model_fingerprint
 from .lines import Lines, split
@@ -351,7 +351,8 @@ def _complete(path: Path, shard: dict, run: str) -> bool:
     want = {"shard": shard["shard"], "first_id": shard["first_id"], "rows": shard["rows"], "run": run}
     ids = range(shard["first_id"], shard["first_id"] + shard["rows"])
     try:
-        meta = json.loads((pq.read_schema(path).metadata or {}).get(b"minibt", b"{}"))
+        meta = loads((pq.read_schema(path).metadata or {}).get(b"minibt", b"{}"), f"{path} (its minibt metadata)",
+                     error=InputError)
         got = pq.read_table(path, columns=["id"])["id"].to_pylist()
     except (OSError, ValueError, KeyError, pa.ArrowException) as e:
         raise InputError(f"{path}: not a readable shard of this run ({type(e).__name__}: {str(e)[:200]}); remove "
