@@ -4,7 +4,11 @@ from __future__ import annotations
 import torch
 
 from .attention import KVCache, check_mask
-from .errors import InputError
+from .errors import BackendError, InputError
+
+# The compiled static decode step (minibt/kernels/static_decode.py), registered by minibt.kernels when it is imported:
+# kernels sit above generate in the import layers (tests/test_architecture.py), so generate does not import them.
+STATIC_DECODE: list = []
 
 
 MIN_TEMPERATURE = 1e-4      # below it, sampling is greedy decoding in all but name (and logits / T overflow)
@@ -131,7 +135,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
         generator = torch.Generator(input_ids.device).manual_seed(seed)
     static = None
     if compile:
-        from .kernels import static_decode
+        if not STATIC_DECODE:
+            raise BackendError("generate(compile=...) needs the static decode step that minibt.kernels registers "
+                               "on import (from_hub imports it): import minibt.kernels")
+        static_decode = STATIC_DECODE[0]
         mode = "default" if compile is True else compile
         static_decode.check(model, mode, s + max_new_tokens)
         cache = static_decode.new_cache(model, b, s + max_new_tokens)

@@ -10,7 +10,7 @@ on this project's CPU (2 threads, torch 2.13; figures from docs/benchmarks.md an
 | `onednn_linear`  | encoders' nn.Linear -> PackedLinear (oneDNN on a weight prepacked once; fp32 inference) on non-Intel CPUs | `optimize` (from_hub default) | AMD Zen 4, 4,096 tokens: 18.7-24.3 vs 26.2-39.5 ms a linear (MKL) |
 | `fused_encoder`  | an encoder's layer stack -> torch's fused encoder-layer op on a nested tensor | `set_attention("fused")` (registered here) | slower than varlen here at every padding (README table); never picked by auto |
 | `compile_mlp`    | each encoder layer's MLP -> torch.compile'd   | `from_hub(compile=True)`     | none measured (fp32, bf16) |
-| `static_decode`  | generate's decode steps -> one fullgraph torch.compile'd static-shape step (fixed-size caches, masked full-length attention, a RoPE table) | `generate(compile=True)`, `minibt generate --compile` | SmolLM2-135M int8 / int4: 86 / 113 vs 46 / 79 tok/s eager (max-autotune; issue 28's measurement) |
+| `static_decode`  | generate's decode steps -> one fullgraph torch.compile'd static-shape step (fixed-size caches, masked full-length attention, a RoPE table) | `generate(compile=True)`, `minibt generate --compile` | SmolLM2-135M int8 / int4: 54.6 / 100 vs 41.4 / 55.0 tok/s eager (max-autotune, AMD Zen 4; docs/benchmarks.md generate_quantized); fp32 no gain |
 | `malloc`         | glibc keeps freed activation memory (process-wide, so only when asked) | `embed(..., keep_memory=True)`, `minibt embed --file`, `minibt serve` | bf16 embedding +5-10% |
 
 `optimize(model)` applies the default ones that apply to this model; `from_hub(..., optimize=False)` gives the plain
@@ -18,10 +18,11 @@ reference model (the numbers differ only by rounding: each transform's test stat
 """
 from __future__ import annotations
 
-from .. import attention
-from . import decode_linear, fused_encoder, onednn_linear, rmsnorm
+from .. import attention, generate
+from . import decode_linear, fused_encoder, onednn_linear, rmsnorm, static_decode
 
 attention.register_transform("fused", fused_encoder, packed=True)
+generate.STATIC_DECODE[:] = [static_decode]                # generate(compile=True)
 DEFAULT = {"decode_linear": decode_linear, "rmsnorm": rmsnorm, "onednn_linear": onednn_linear}
 
 

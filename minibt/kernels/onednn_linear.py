@@ -13,7 +13,7 @@ once into its blocked layout took, at all-MiniLM-L6-v2's shapes and 4,096 tokens
 The maths is F.linear's (the sums in another order: equal within fp32 rounding, tests/test_kernels.py). Applied to
 encoders in fp32 on CPUs that are not Intel's (MKL was measured at 92% of its peak on the Intel AMX machine, so it
 stays there). The packed copy is made on the first fp32 inference call (no autograd through it: with gradients on,
-F.linear runs) and kept beside the weight: the linear layers' weights take twice the memory.
+F.linear runs, and under torch.compile) and kept beside the weight: the linear layers' weights take twice the memory.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ class PackedLinear(nn.Linear):
     def forward(self, x):
         w = self.weight
         if (x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu"
-                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                or torch.compiler.is_compiling()):          # inductor picks its own GEMM (and lowers F.linear)
             return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w._version)
         if getattr(self, "_packed", (None, None))[0] != key:          # a new or changed weight: pack again
