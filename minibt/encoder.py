@@ -60,6 +60,10 @@ class Encoder:
         texts = text_list(texts)                 # a str, or an iterable of str; anything else named
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"batch_size={batch_size!r}: must be an integer >= 1 (or None)")
+        for flag, value in (("convert_to_numpy", convert_to_numpy), ("convert_to_tensor", convert_to_tensor),
+                            ("normalize_embeddings", normalize_embeddings)):
+            if not isinstance(value, bool):
+                raise InputError(f"{flag}={value!r}: must be True or False")
         if precision not in PRECISIONS:
             raise InputError(f"precision={precision!r}: one of {', '.join(PRECISIONS)}")
         dims = truncate_dim if truncate_dim is not None else self.truncate_dim

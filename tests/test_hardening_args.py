@@ -169,3 +169,10 @@ def test_default_batch_tokens_never_refuses(tiny, minilm, tmp_path):
     assert minibt.Encoder(folder).encode(["a", "b"]).shape == (2, 32)
     with pytest.raises(InputError, match="batch_tokens=4096 is below the longest possible text"):
         minibt.embed(model, tok, ["a"], batch_tokens=4096)
+
+
+@pytest.mark.parametrize("flag", ["convert_to_numpy", "convert_to_tensor", "normalize_embeddings"])
+def test_encode_output_flags_are_booleans(encoder, flag):
+    """A truthy string such as "False" is refused, never taken as True (hostile pass, round 3)."""
+    with pytest.raises(InputError, match=f"{flag}='False': must be True or False"):
+        encoder.encode(["a"], **{flag: "False"})

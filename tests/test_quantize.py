@@ -273,6 +273,10 @@ TAMPER = [   # (scheme, manifest edit, tensor edit, words of the error)
      "torch.int8"),
     ("int4", None, lambda t: t.update({"layers.0.mlp.down.codes": t["layers.0.mlp.down.codes"][None]}), "codes: checkpoint (1,"),
     ("int4", None, lambda t: t.update({"layers.0.mlp.down.packed": t.pop("layers.0.mlp.down.codes")}), "kernel layout"),
+    # values save_quantized cannot write (hostile pass): a huge scale (NaN outputs), one below its floor, code -128
+    ("w8a8", None, lambda t: t["layers.0.mlp.down.scale"].__setitem__(0, 3e38), "'layers.0.mlp.down.scale' holds 1"),
+    ("int8", None, lambda t: t["layers.0.mlp.down.scale"].fill_(1e-44), "'layers.0.mlp.down.scale' holds"),
+    ("int8", None, lambda t: t["layers.0.mlp.down.qweight"][0].fill_(-128), "the code -128"),
 ]
 
 

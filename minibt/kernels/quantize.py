@@ -552,6 +552,9 @@ def from_saved(model, name: str, t: torch.Tensor, path) -> torch.Tensor:
     into the kernel's layout; everything else as read."""
     if name.endswith((".scale", ".scale_zero")):
         check_scales(name, t, path)
+    if name.endswith(".qweight") and t.dtype == torch.int8 and bool((t == -128).any()):
+        raise QuantizeError(f"{path}: tensor {name!r} holds the code -128, which the symmetric int8 scheme never "
+                            "writes (codes are -127..127): the file was edited; refused")
     if not name.endswith(".packed"):
         return t
     mod = model.get_submodule(name.rpartition(".")[0])
@@ -563,11 +566,13 @@ def from_saved(model, name: str, t: torch.Tensor, path) -> torch.Tensor:
 
 
 def check_scales(name: str, t: torch.Tensor, path) -> None:
-    """Scales save_quantized can have written: int8 `scale` finite and > 0 (max|row| / 127, at least 1e-12 / 127);
+    """Scales save_quantized can have written: int8 `scale` in [1e-12 / 127, float32 max / 127] (max|row| / 127);
     int4 `scale_zero` scales finite and > 0, zeros finite. Anything else was edited: refused, naming the tensor
     (it would give NaN or inf outputs)."""
     scales, zeros = (t, None) if name.endswith(".scale") else (t[..., 0], t[..., 1])
     bad = ~torch.isfinite(scales) | (scales <= 0)
+    if zeros is None:                                   # int8: max|row| / 127 in fp32, the row max at least 1e-12
+        bad |= (scales < 1e-12 / 127 * (1 - 1e-6)) | (scales > torch.finfo(torch.float32).max / 127)
     if zeros is not None:
         bad |= ~torch.isfinite(zeros)
     if bool(bad.any()):

@@ -554,7 +554,8 @@ def run(args) -> None:
             tok = minibt.load_tokenizer(folder)
         model_id = args.model_id or (str(args.model) if args.model else "sentence-transformers/all-MiniLM-L6-v2")
         # loopback without a key: only this server's own names (DNS rebinding); a key or a public address: any Host
-        loopback = ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
+        loopback = ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
         hosts = [f"{name}:{port}" for name in LOOPBACK_NAMES] + (list(LOOPBACK_NAMES) if port == 80 else [])
         # keep_memory: this process is the server's own, so the process-wide malloc setting is ours to make
         asgi = app(model, tok, max_batch_tokens=args.max_batch_tokens,
