@@ -120,7 +120,7 @@ def add_attn(p):
                    help="attention backend: %(choices)s (default: %(default)s)")
 
 
-def add_dtype(p, default=None, help="weights and activations dtype (default: the checkpoint's)"):
+def add_dtype(p, default=None, help="weights and activations dtype; default: the checkpoint's"):
     p.add_argument("--dtype", default=default, choices=list(DTYPES), metavar="DTYPE",
                    help=f"{', '.join(DTYPES)} ({help})")
 
@@ -308,7 +308,7 @@ def fill_mask_run(args):
 
 
 def generate_args(p):
-    add_model(p, required=True, help="a causal LM (OPT or Llama): hub repo id or folder (required: the bundled "
+    add_model(p, required=True, help="a causal LM (OPT, Llama or a relative): hub repo id or folder (required: the bundled "
                                      "default is an encoder)")
     add_attn(p)
     add_dtype(p)
@@ -340,7 +340,7 @@ def generate_run(args):
                           + ", ".join(n for n in BACKENDS if n != "fused"))
     model, name = load(args)
     if getattr(model, "lm_head", None) is None:
-        raise MinibtError(f"{name}: not a causal LM checkpoint (no LM head); generate needs OPT or Llama")
+        raise MinibtError(f"{name}: not a causal LM checkpoint (no LM head); generate needs a causal LM (OPT, Llama or a relative)")
     tok = minibt.load_tokenizer(name)
     batch = tok([args.prompt])
     new = []
@@ -524,7 +524,7 @@ COMMANDS = [
             embed_args, embed_run),
     Command("fill-mask", "top predictions for each [MASK] (needs a masked-LM checkpoint)", fill_mask_args,
             fill_mask_run),
-    Command("generate", "stream a continuation of a prompt (OPT or Llama checkpoints)", generate_args, generate_run),
+    Command("generate", "stream a continuation of a prompt (a causal-LM checkpoint)", generate_args, generate_run),
     Command("audit", "every backend vs naive in float64, layer by layer: error, time, memory", audit_args,
             audit_run),
     Command("attend-map", "PNG heatmap of one head's attention probabilities", attend_map_args, attend_map_run),
@@ -537,8 +537,8 @@ COMMANDS = [
 
 def parser() -> argparse.ArgumentParser:
     import minibt
-    p = _Parser(prog="minibt", formatter_class=_Help, description="BERT, RoBERTa, DistilBERT, OPT and Llama in plain "
-                "PyTorch. `minibt COMMAND --help` shows a command's flags.")
+    p = _Parser(prog="minibt", formatter_class=_Help, description="Transformer encoders (BERT and its relatives) and decoders (OPT, "
+                "Llama and its relatives) in plain PyTorch. `minibt COMMAND --help` shows a command's flags.")
     p.add_argument("--version", action="version", version=f"minibt {minibt.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for c in COMMANDS:
