@@ -70,25 +70,18 @@ def load_contenders(spec: str | None):
     module, _, function = spec.rpartition(":") if spec.count(":") and not spec.endswith(".py") else (spec, "", "")
     function = function or "contenders"
     try:
-        if module.endswith(".py") or os.sep in module:
-            path = Path(module)
+        # a dotted name that is a file under the current folder (`benchmarks.hf_contenders` from a checkout) is
+        # read as that file, as `python -m` would find it; anything else is imported as installed
+        local = Path(*module.split(".")).with_suffix(".py")
+        if module.endswith(".py") or os.sep in module or local.is_file():
+            path = Path(module) if module.endswith(".py") or os.sep in module else local
             if not path.is_file():
                 raise FileNotFoundError(f"no such file {path}")
             loader = importlib.util.spec_from_file_location(path.stem, path)
             mod = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(mod)
         else:
-            # as `python -m` would: the current folder first, so `--with benchmarks.hf_contenders` works from a
-            # checkout when run as the `minibt` script (whose sys.path starts at the script's own folder)
-            here = os.getcwd()
-            added = here not in sys.path and "" not in sys.path
-            if added:
-                sys.path.insert(0, here)
-            try:
-                mod = importlib.import_module(module)
-            finally:
-                if added:
-                    sys.path.remove(here)
+            mod = importlib.import_module(module)
     except Exception as e:              # whatever the module raises while importing, say which and why
         hint = ("; outside a checkout pass the file itself, e.g. --with path/to/benchmarks/hf_contenders.py"
                 if module.startswith("benchmarks.") else "")
