@@ -58,6 +58,7 @@ def load(name_or_path, *, attn="auto", dtype=None, device="cpu", revision=None, 
         model = cls(cfg, source.head).to(source.dtype)
         if source.manifest is not None:          # a saved quantized model: its modules, empty, before the check
             quantization.swap_empty(model, source.manifest, source.checkpoint.files[0])
+    untie_stored(model, source)
     check_plan(model, source)
     to_quantize = set(quantization.check(model, source.quantize)) if source.quantize else set()
     ready = fill(model, source, device, to_quantize)
@@ -311,6 +312,27 @@ def map_keys(names, spec: dict):
         else:
             unexpected.append(name)
     return plan, unexpected
+
+
+def untie_stored(model, source: Source) -> None:
+    """The rule for a tie the checkpoint contradicts: config.json ties (tie_word_embeddings = true) but the checkpoint
+    also stores the tied tensor (e.g. lm_head.weight) with values different from the one it is tied to: the stored
+    tensor is used and the model is built untied, with a warning naming the key, as transformers does
+    (modeling_utils.tie_weights: both present and not equal -> not tied). Equal values: tied, as before."""
+    own = model.state_dict(keep_vars=True)
+    for target, tied_to in model.tied().items():
+        stored, source_keys = source.plan.get(target), source.plan.get(tied_to)
+        if not stored or not source_keys or None in stored or None in source_keys or target not in own:
+            continue                  # not stored (the usual tie), or a part check_plan reports
+        checkpoint = source.checkpoint
+        same = checkpoint.concat_shape(stored) == checkpoint.concat_shape(source_keys) and torch.equal(
+            checkpoint.read(stored, own[target].dtype), checkpoint.read(source_keys, own[target].dtype))
+        if not same:
+            warnings.warn(f"{checkpoint.folder}: config.json has tie_word_embeddings = true, but the checkpoint "
+                          f"stores {' + '.join(stored)} with values different from {' + '.join(source_keys)}: using "
+                          "the stored tensor, not tied (as transformers does); set tie_word_embeddings = false in "
+                          "config.json to silence this", stacklevel=4)
+            model.config.tie_word_embeddings = False      # every family's tied() reads this field
 
 
 def check_plan(model, source: Source) -> None:

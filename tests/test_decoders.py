@@ -191,6 +191,36 @@ def test_tied_and_untied_heads(tiny_decoder, tmp_path):
     assert opt.lm_head.weight is opt.embed.weight
 
 
+@pytest.mark.parametrize("name", ["llama3-mqa-tied-bias-headdim", "opt-pre-ln", "bloom-alibi", "qwen3", "gemma2"])
+def test_tie_config_with_a_stored_different_head_uses_the_stored_head(tiny_decoder, tmp_path, name):
+    """config.json ties, but the checkpoint also stores its own lm_head.weight (not the embedding): transformers uses
+    the stored head (and warns); so does minibt, naming the key. A stored head equal to the embedding stays tied."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+    folder, ref = tiny_decoder(name)
+    assert ref.config.tie_word_embeddings
+    path = shutil.copytree(folder, tmp_path / "untied") / "model.safetensors"
+    sd = load_file(path)
+    assert "lm_head.weight" not in sd
+    embed = next(k for k in sd if k.endswith(("embed_tokens.weight", "word_embeddings.weight")))
+    torch.manual_seed(7)
+    save_file({**sd, "lm_head.weight": torch.randn_like(sd[embed])}, path, metadata={"format": "pt"})
+    hf = getattr(transformers, DECODERS[name][0]).from_pretrained(path.parent).eval()
+    assert not torch.equal(hf.lm_head.weight, hf.get_input_embeddings().weight)      # the oracle: not tied
+    with pytest.warns(UserWarning, match="lm_head.weight with values different from"):
+        model = minibt.from_hub(path.parent, dtype=torch.float32)
+    assert model.lm_head.weight is not model.embed.weight
+    ids, mask = left_padded(99, pad_id(ref))
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
+        got = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max().item() <= 1e-4
+    save_file({**sd, "lm_head.weight": sd[embed].clone()}, path, metadata={"format": "pt"})
+    same = minibt.from_hub(path.parent, dtype=torch.float32)
+    assert same.lm_head.weight is same.embed.weight
+
+
 def test_sharded_llama_and_bare_opt_keys(tiny_decoder, tmp_path):
     from safetensors.torch import load_file, save_file
     _, ref = tiny_decoder("llama-gqa")
