@@ -245,6 +245,59 @@ def test_a_fifo_is_streamed_line_by_line(mini, tmp_path):
     assert a.shape == b.shape == (40, 384) and np.allclose(a, b, atol=1e-6)
 
 
+def test_a_line_over_the_limit_is_refused_by_file_line_and_limit(mini, minilm, tmp_path, capsys):
+    """One input line of more than MAX_LINE_BYTES is refused (InputError naming the file, the line number and the
+    limit); the rows before it stay committed, and --resume after fixing the line gives the whole file."""
+    import io
+    from minibt.tools.lines import MAX_LINE_BYTES, Lines
+    limit = str(MAX_LINE_BYTES)
+    exact = Lines(io.BytesIO(b"x" * MAX_LINE_BYTES + b"\nlast"), name="exact")          # the limit itself: a line
+    assert [len(t) for t in exact.take(5)] == [MAX_LINE_BYTES, 4]
+    with pytest.raises(InputError, match=f"^unterminated line 1: longer than {limit} bytes"):
+        Lines(io.BytesIO(b"x" * (MAX_LINE_BYTES + 1)), name="unterminated").take(5)     # a last line without \n too
+    src = tmp_path / "c.txt"
+    good = [f"line {i} about cats" for i in range(8)]
+    long = ("cats " * (MAX_LINE_BYTES // 5 + 1))[:MAX_LINE_BYTES + 1]                   # just over the limit
+    assert len(long) == MAX_LINE_BYTES + 1
+    src.write_text("\n".join(good[:5] + [long] + good[6:]) + "\n")
+    out = tmp_path / "v.npy"
+    argv = ["embed", "--model", str(minilm), "--file", str(src), "--out", str(out), "--chunk", "2"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{src} line 6: longer than {limit} bytes, the limit on one line" in err
+    assert json.loads((tmp_path / "v.npy.progress").read_text())["rows"] == 4     # lines 1-4: safely on disk
+    src.write_text("\n".join(good) + "\n")
+    assert cli.main([*argv, "--resume"]) == 0
+    model, tok = mini
+    want = minibt.embed(model, tok, good).numpy()
+    assert np.abs(np.load(out) - want).max() < 1e-5
+
+
+def test_an_over_long_line_from_a_fifo_is_refused_without_reading_it_all(mini, tmp_path):
+    """A pipe cannot be counted first: the reader stops at the limit, and the writer's 8 MiB line is never drained."""
+    from minibt.tools.lines import MAX_LINE_BYTES
+    model, tok = mini
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sent = {"bytes": 0}
+
+    def write():
+        try:
+            with open(fifo, "wb", buffering=0) as f:
+                f.write(b"first line\n")
+                for _ in range(128):                                    # one 8 MiB line, 64 KiB at a time
+                    sent["bytes"] += f.write(b"y" * (64 << 10))
+                f.write(b"\n")
+        except BrokenPipeError:
+            pass                                                        # the reader refused and closed the pipe
+    writer = threading.Thread(target=write)
+    writer.start()
+    with pytest.raises(InputError, match=f"{fifo} line 2: longer than {MAX_LINE_BYTES} bytes"):
+        ef.embed_file(model, tok, str(fifo), tmp_path / "v.npy", progress=False)
+    writer.join(timeout=60)
+    assert not writer.is_alive() and sent["bytes"] < 2 * MAX_LINE_BYTES
+
+
 def test_process_substitution_is_streamed(minilm, tmp_path):
     src = lines_file(tmp_path / "c.txt", 12)
     out = tmp_path / "v.jsonl"

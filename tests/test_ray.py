@@ -279,6 +279,15 @@ def test_lines_follow_embed_file_rule(tmp_path):
     assert got == ["crlf", "keeps\r", "\ufffd\ufffd bad", "", "form\x0cfeed\u2028x", "last"]
 
 
+def test_a_line_over_the_limit_is_refused_when_shards_are_planned(tmp_path):
+    """The line reader's cap holds for --ray too: the driver's plan refuses the line, naming the file and line."""
+    from minibt.tools.lines import MAX_LINE_BYTES
+    src = tmp_path / "c.txt"
+    src.write_bytes(b"ok\n" + b"z" * (MAX_LINE_BYTES + 1) + b"\n")
+    with pytest.raises(InputError, match=f"{src} line 2: longer than {MAX_LINE_BYTES} bytes"):
+        mray.plan_shards([src], 2)
+
+
 def test_file_and_ray_read_the_same_rows(cluster, minilm, tmp_path, monkeypatch):
     """One line rule for `embed --file` and `embed --ray`: the same bytes (a byte-order mark, CRLF, a stray \\r,
     invalid UTF-8, an empty line, no final newline) give the same texts, row for row and vector for vector."""

@@ -218,7 +218,7 @@ def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, 
             raise
     try:
         writer = Writer(Path(out), width, name, resume, fingerprint, descr)
-        lines = Lines(stream)
+        lines = Lines(stream, name=name)
         done = writer.rows
         if writer.state is not None:                      # already on disk: check the input, skip, never recompute
             skipped = lines.take(done)

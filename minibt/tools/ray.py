@@ -93,7 +93,7 @@ class ShardWriter(Embedder):
             t0 = time.perf_counter()
             with open(path, "rb") as f:
                 f.seek(int(start))
-                texts = split(f.read(int(end) - int(start)), at_start=int(start) == 0)
+                texts = split(f.read(int(end) - int(start)), at_start=int(start) == 0, name=path)
             if len(texts) != count:
                 raise InputError(f"{path}: bytes {start}-{end} hold {len(texts)} lines, planned {count}: "
                                  "the file changed while it was embedded")
@@ -189,7 +189,7 @@ def plan_shards(sources: list[Path], shard_rows: int, digests: list | None = Non
         except OSError as e:
             raise InputError(f"cannot read {path}: {e.strerror or e}") from None
         with f:
-            lines, start = Lines(f), 0                  # the reader of `embed --file`: the same lines, counted alike
+            lines, start = Lines(f, name=str(path)), 0    # the reader of `embed --file`: the same lines, counted alike
             while rows := len(lines.take(shard_rows)):
                 shards.append(_shard(len(shards), path, start, lines.bytes, next_id, rows))
                 start, next_id = lines.bytes, next_id + rows
