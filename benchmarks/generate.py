@@ -100,7 +100,7 @@ def main():
     ap.add_argument("--note", default="", help="a paragraph to add under the quantized table")
     ap.add_argument("--families", action="store_true",
                     help="the families section instead: each Llama relative at a real model's layer shapes")
-    ap.add_argument("--compile-mode", default="max-autotune", choices=("default", "max-autotune"),
+    ap.add_argument("--compile-mode", default="default", choices=("default", "max-autotune"),
                     help="the quantized section's compiled minibt rows (default %(default)s)")
     ap.add_argument("--rss", help=argparse.SUPPRESS)             # internal: one variant's resident memory
     ap.add_argument("--warm", help=argparse.SUPPRESS)            # internal: one compiled variant's warm start
@@ -213,7 +213,7 @@ def families_main(args):
 
 GGUF_Q4 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_PROBLEM = []
-COMPILE = ["max-autotune"]                       # generate(compile=...) of the "compiled" rows (--compile-mode)
+COMPILE = ["default"]                            # generate(compile=...) of the "compiled" rows (--compile-mode)
 
 
 def gguf_files() -> dict:

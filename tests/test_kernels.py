@@ -120,3 +120,50 @@ def test_rmsnorm_matches_the_textbook_formula(dtype, dim):
         assert torch.equal(got, want)
     else:
         assert (got - want).abs().max() < 1e-6 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_in_a_compiled_step_is_the_linear(dtype, bias):
+    """decode_linear.one_row (what DecodeLinear and Int8Linear take for one row inside torch.compile) against the
+    plain product in float64 on the same weights: fp32 within 1e-5 of the largest output, bf16 / int8 (bf16 output)
+    within bf16 rounding. Two rows take the ordinary path (also checked)."""
+    from minibt.kernels.decode_linear import DecodeLinear, one_row
+    from minibt.kernels.quantize import Int8Linear
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(576, 200, bias=bias)
+    if dtype == "int8":
+        lin, act = Int8Linear.from_weight(plain.weight, plain.bias), torch.float32
+        w64 = lin.qweight.double() * lin.scale_bf16.double()[:, None]     # the scales the kernels use
+    else:
+        lin, act = DecodeLinear.over(plain, torch.nn.Parameter(plain.weight.detach().to(dtype))), dtype
+        lin.bias = None if plain.bias is None else torch.nn.Parameter(plain.bias.detach().to(dtype))
+        w64 = lin.weight.double()
+    torch._dynamo.reset()                   # one code object for every parameter: dynamo's recompile limit is 8
+    step = torch.compile(lambda x: lin(x), fullgraph=True, dynamic=False)
+    for rows in (1, 2):
+        x = torch.randn(rows, 1, 576).to(act)
+        xin = x.to(torch.bfloat16) if dtype == "int8" else x      # int8 layers compute with bf16 activations
+        want = xin.double() @ w64.t() + (0 if lin.bias is None else lin.bias.double())
+        with torch.no_grad():
+            got = step(x)
+        assert got.shape == (rows, 1, 200) and got.dtype == act
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+        assert (got.double() - want).abs().max() <= tol * want.abs().max()
+    eager = one_row(x[:1].to(act), w64.to(act), None)            # the eager form is the same maths
+    assert (eager.double() - xin[:1].double() @ w64.to(act).double().t()).abs().max() <= tol * want.abs().max()
+
+
+def test_row_major_keeps_tied_weights_and_the_outputs(tiny_decoder):
+    """decode_linear.row_major undoes the fp32 column-major layout: every weight contiguous, the tied LM head still
+    the embedding's tensor, the logits unchanged."""
+    from minibt.kernels.decode_linear import row_major
+    folder, _ = tiny_decoder("llama3-mqa-tied-bias-headdim")
+    model = minibt.from_hub(folder)
+    ids = torch.tensor([[5, 9, 2, 7]])
+    before = model(ids).logits
+    assert not model.embed.weight.is_contiguous()
+    row_major(model)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert model.lm_head.weight is model.embed.weight
+    torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=0)

@@ -36,6 +36,21 @@ def test_compiled_greedy_tokens_are_eager_ones(tiny_decoder, name):
     assert graphs() == before + 1
 
 
+@pytest.mark.parametrize("name", ["mistral-window", "gemma2", "bloom-alibi", "opt-post-ln-projected",
+                                  "llama3-mqa-tied-bias-headdim"])
+def test_one_row_steps_give_eager_tokens(tiny_decoder, name):
+    """Batch 1: the step's products take decode_linear.one_row over row-major weights (generate re-lays the fp32
+    weights out); the tokens are eager's, before and after that."""
+    folder, _ = tiny_decoder(name)
+    model = minibt.from_hub(folder)
+    ids, mask = left_padded(99, 0)
+    ids, mask = ids[:1], mask[:1]
+    eager = greedy(model, ids, mask, new=16)
+    assert torch.equal(greedy(model, ids, mask, new=16, compile=True), eager)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert torch.equal(greedy(model, ids, mask, new=16), eager)
+
+
 def llama_folder(tmp_path, **kw):
     """A tiny Llama whose widths int4's 32-wide groups divide."""
     import transformers
@@ -51,6 +66,8 @@ def test_quantized_models_take_the_same_step(tmp_path, scheme):
     model = minibt.from_hub(llama_folder(tmp_path), quantize=scheme)
     ids, mask = left_padded(99, 0)
     assert torch.equal(greedy(model, ids, mask, compile=True), greedy(model, ids, mask))
+    one = ids[:1], mask[:1]                                      # one row: int8 takes one_row
+    assert torch.equal(greedy(model, *one, compile=True), greedy(model, *one))
 
 
 def test_bf16_tokens_are_eager_ones_up_to_rounding(tmp_path):

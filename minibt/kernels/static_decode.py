@@ -11,21 +11,27 @@ What makes the step static (issue 28; each item was measured to matter, AMD Zen 
 - RoPE is read from a table of cos/sin for the generation's positions, made once (no `positions.max()` read back).
 - no host reads in the step: the forward's input checks (ids, mask, positions) ran on the prefill; the step takes
   only tensors.
+- one row (a batch of one on the CPU): every linear layer takes decode_linear.one_row, a vectorized reduction that
+  streams the weight's rows (fp32 weights re-laid row-major for it, int8 weights as stored), and every pointwise
+  result is stored once before its readers (realize_opcount_threshold 0): inductor's default inlined each norm into
+  the products reading it and recomputed it per weight row. SmolLM2-135M, default mode, AMD Zen 4, 2 threads:
+  fp32 47.5, bf16 63.5, int8 95 tok/s (the step before, max-autotune with aten's products: 21.9, 27.7, 54.6).
 The layers are the model's own modules, called with a `StaticBatch` in place of attention/batch.py's `Batch`; only
 each family's two ends (embeddings, final norm and head) are restated here, in `ENDS`. The attention is naive.py's
 formula (scores in fp32, the variants in the same order), so every variant the layers ask for is computed.
 
 Compile modes (`MODES`, the `compile=` argument of generate):
-- "default": inductor's defaults (compiles in seconds on a tiny model: what the tests use).
+- "default": inductor's defaults (compiles in seconds on a tiny model, ~60-80 s for SmolLM2-135M's 30 layers: what
+  `compile=True`, the tests and benchmarks/generate.py use).
 - "max-autotune": on CPU, inductor's autotuned C++ GEMM templates, freezing (weights folded in as constants) and the
-  C++ wrapper (no Python between kernels). This is the step of the issue's table (int8 86 tok/s, int4 113 vs eager
-  46 / 79, SmolLM2-135M) and took 77-91 s to compile there; on CUDA, autotuned Triton kernels.
+  C++ wrapper (no Python between kernels); on CUDA, autotuned Triton kernels. With one_row it measured no faster
+  here (int8 98 vs 95 tok/s, int4 92 vs 102) and compiles for ~120 s.
 On CUDA both modes add CUDA graphs (one replay per step: "reduce-overhead"); the cache tensors are kept per model
 and shape and marked as static addresses, so the graph writes them in place and every generation replays it.
 
 Compile cost is paid once per machine: inductor's on-disk FX graph and AOTAutograd caches are on, under
-$TORCHINDUCTOR_CACHE_DIR, or ~/.cache/minibt/inductor when that is unset, so a second process re-traces (seconds)
-and loads the compiled kernels instead of building them.
+$TORCHINDUCTOR_CACHE_DIR, or ~/.cache/minibt/inductor when that is unset, so a second process re-traces (~6 s for
+SmolLM2's 30 layers) and loads the compiled kernels instead of building them.
 
 Families: OPT, BLOOM (ALiBi), Llama and its relatives (Mistral, Qwen 2/3, Gemma 2: windows, softcaps). gpt-oss is
 refused (its mixture of experts routes each token to experts chosen at run time: no static shape), and so is a
@@ -43,6 +49,7 @@ from ..attention import KVCache
 from ..errors import BackendError
 from ..models import OPT, Bloom, GptOss, Llama
 from ..models.opt import POSITION_OFFSET
+from .decode_linear import row_major
 
 MODES = {
     "default": {},
@@ -195,7 +202,11 @@ def compiled(model, mode: str, device):
     batch size or capacity compiles again, a different length of the same bucket does not)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
     kind = "cuda" if device.type == "cuda" else "cpu"
-    options = {"emulate_precision_casts": True, **MODES[mode].get(kind, {})}   # round where eager rounds
+    # emulate_precision_casts: round where eager rounds. realize_opcount_threshold 0: every pointwise result is
+    # stored once before its readers; inductor's CPU default (50 ops) inlined each norm into the one-row products
+    # that read it (decode_linear.one_row), recomputing the norm for every weight row: bf16 SmolLM2 27.9 -> 63.5
+    # tok/s, fp32 44.9 -> 47.5 (default mode, AMD Zen 4, 2 threads)
+    options = {"emulate_precision_casts": True, "realize_opcount_threshold": 0, **MODES[mode].get(kind, {})}
     if kind == "cuda":
         options["triton.cudagraphs"] = True
     store = model.__dict__.setdefault("_static_steps", {})
@@ -214,6 +225,8 @@ class StaticDecoder:
     def __init__(self, model, cache, attention_mask, length: int, mode: str):
         b, s = attention_mask.shape
         device = attention_mask.device
+        if b == 1 and device.type == "cpu":
+            row_major(model)                        # one row: decode_linear.one_row streams row-major weights
         self.model, self.step, self.cache = model, compiled(model, mode, device), cache
         self.ks, self.vs = cache.k, cache.v
         size = cache.capacity
