@@ -355,9 +355,11 @@ def quantized_main(args):
                                    str(args.prompt)], capture_output=True, text=True).stdout.strip() or "?"
         # greedy check: the new tokens agree with minibt fp32's (llama.cpp: same weights, other arithmetic, so
         # the first tokens; a non-greedy decode does not agree at all)
-        agree = int((greedy[n][0, ids.shape[1]:] == greedy["minibt fp32"][0, ids.shape[1]:]).cumprod(0).sum())
+        def agree(other):
+            return f"{int((greedy[n][0, ids.shape[1]:] == greedy[other][0, ids.shape[1]:]).cumprod(0).sum())}/{args.new + 1}"
+        eager = agree(n.removesuffix(" compiled")) if n.endswith(" compiled") else ""
         rows.append([n, f"{decode[n]:.1f}", f"{decode[n] / base:.2f}x", f"{decode[n] / decode['transformers bf16']:.2f}x",
-                     size, rss[0] if rss else "?", rss[1] if rss else "?", compiled, warm, f"{agree}/{args.new + 1}"])
+                     size, rss[0] if rss else "?", rss[1] if rss else "?", compiled, warm, agree("minibt fp32"), eager])
     notes = []
     for scheme, goal, q in (("int8", 2.5, "Q8_0"), ("int4", 3.5, "Q4_1")):
         for variant in (f"minibt {scheme}", f"minibt {scheme} compiled"):
@@ -384,9 +386,11 @@ def quantized_main(args):
             f"torch row. '... compiled': generate(compile={COMPILE[0]!r}), the static decode step "
             "(minibt/kernels/static_decode.py); compile s: its first call less a timed one, into an empty inductor "
             "cache; warm start s: a second process from load to its first compiled step, reading that cache. Greedy "
-            "agrees: the leading new tokens equal to minibt fp32's.\n\n"
+            "agrees: the leading new tokens equal to minibt fp32's; compiled = eager: to the same variant's eager "
+            "tokens.\n\n"
             + table(["variant", "decode tok/s", "vs transformers fp32", "vs transformers bf16", "size on disk MiB",
-                     "RSS MiB", "peak RSS MiB", "compile s", "warm start s", "greedy agrees"], rows)
+                     "RSS MiB", "peak RSS MiB", "compile s", "warm start s", "greedy agrees",
+                     "compiled = eager"], rows)
             + "\n\n" + "\n".join(notes) + (f"\n\n{args.note}" if args.note else ""))
     write_section("generate_quantized", body)
 
