@@ -202,13 +202,12 @@ def compiled(model, mode: str, device):
     batch size or capacity compiles again, a different length of the same bucket does not)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
     kind = "cuda" if device.type == "cuda" else "cpu"
-    # emulate_precision_casts: round where eager rounds. realize_opcount_threshold 0: every pointwise result is
-    # stored once before its readers; inductor's CPU default (50 ops) inlined each norm into the one-row products
+    # emulate_precision_casts: round where eager rounds. CPU, realize_opcount_threshold 0: every pointwise result
+    # is stored once before its readers; inductor's CPU default (50 ops) inlined each norm into the one-row products
     # that read it (decode_linear.one_row), recomputing the norm for every weight row: bf16 SmolLM2 27.9 -> 63.5
-    # tok/s, fp32 44.9 -> 47.5 (default mode, AMD Zen 4, 2 threads)
-    options = {"emulate_precision_casts": True, "realize_opcount_threshold": 0, **MODES[mode].get(kind, {})}
-    if kind == "cuda":
-        options["triton.cudagraphs"] = True
+    # tok/s, fp32 44.9 -> 47.5 (default mode, AMD Zen 4, 2 threads). CUDA: CUDA graphs.
+    device_options = {"cpu": {"realize_opcount_threshold": 0}, "cuda": {"triton.cudagraphs": True}}[kind]
+    options = {"emulate_precision_casts": True, **device_options, **MODES[mode].get(kind, {})}
     store = model.__dict__.setdefault("_static_steps", {})
     if mode not in store:
         # dynamo keeps at most recompile_limit (8) graphs per code object: each model compiles its own copy of
