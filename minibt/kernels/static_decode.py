@@ -14,8 +14,9 @@ What makes the step static (issue 28; each item was measured to matter, AMD Zen 
 - one row (a batch of one on the CPU): every linear layer takes decode_linear.one_row, a vectorized reduction that
   streams the weight's rows (fp32 weights re-laid row-major for it, int8 weights as stored), and every pointwise
   result is stored once before its readers (realize_opcount_threshold 0): inductor's default inlined each norm into
-  the products reading it and recomputed it per weight row. SmolLM2-135M, default mode, AMD Zen 4, 2 threads:
-  fp32 47.5, bf16 63.5, int8 95 tok/s (the step before, max-autotune with aten's products: 21.9, 27.7, 54.6).
+  the products reading it and recomputed it per weight row (bf16: 27.9 tok/s with it, 63.5 without, in a probe).
+  SmolLM2-135M batch 1, default mode, AMD Zen 4, 2 threads (docs/benchmarks.md generate_quantized): fp32 61.3,
+  bf16 77.8, int8 98.7 tok/s (the step before, max-autotune with aten's products: 21.9, 27.7, 54.6).
 The layers are the model's own modules, called with a `StaticBatch` in place of attention/batch.py's `Batch`; only
 each family's two ends (embeddings, final norm and head) are restated here, in `ENDS`. The attention is naive.py's
 formula (scores in fp32, the variants in the same order), so every variant the layers ask for is computed.
