@@ -75,9 +75,19 @@ def closed_within(sock, seconds: float) -> float:
     return time.monotonic() - t0
 
 
-def batches(url: str) -> float:
+def metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
-    return float(next(x for x in text.splitlines() if x.startswith("minibt_batches_total ")).split()[1])
+    return float(next(x for x in text.splitlines() if x.startswith(name + " ")).split()[1])
+
+
+def batches(url: str) -> float:
+    return metric(url, "minibt_batches_total")
+
+
+def rss(pid: int) -> int:
+    """Resident memory of process `pid` in bytes (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 # ------------------------------------------------------------------------------------------------- content type
@@ -352,6 +362,55 @@ def test_host_allow_list_timeouts_and_connection_limit(minilm):
     assert loading < log.index(f"ready on http://127.0.0.1:{port}")
     assert "GET /health 200 " in log and "POST /embed 403 " in log and "POST /embed 200 " in log
     assert "Traceback" not in log, log
+
+
+def test_a_busy_server_refuses_before_reading_a_body(minilm):
+    """The 429 once came only after a request's body was read and parsed: many open connections each sending a body
+    just under the 2 MB limit grew the server by gigabytes. A POST takes its slot before its body is read: with every
+    slot held by a request still sending its body, each further POST is refused 429 at once, its body unread (the
+    server does not grow by the bytes sent), while the held ones get 408 at --body-timeout; then a good request is
+    answered."""
+    slots, extras, size = 2, 24, serve.PAYLOAD_LIMIT - 1000
+    head = (b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n")
+    with server("--model", minilm, "--max-concurrent-requests", slots, "--body-timeout", 10) as (url, proc):
+        port = port_of(url)
+        held = []
+        for _ in range(slots):                  # headers complete, body stalled: each holds a slot while it is read
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(head % (port, 40) + b'{"inputs": ')
+            held.append(s)
+        t0 = time.monotonic()
+        while metric(url, "minibt_requests_in_flight") < slots:
+            assert time.monotonic() - t0 < 5, "requests reading their body hold no slot"
+            time.sleep(0.05)
+
+        before, t1 = rss(proc.pid), time.monotonic()
+        refused = []
+        for _ in range(extras):                 # each announces a body just under the limit and sends all but 1000 B
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(head % (port, size) + b'{"inputs": "' + b"a" * (size - 1012))
+            refused.append(s)
+        time.sleep(0.5)
+        grown = rss(proc.pid) - before
+        for s in refused:
+            status, body = read_response(s, timeout=5)
+            assert status == 429 and body["error_type"] == "Overloaded", body
+            assert f"--max-concurrent-requests {slots}" in body["error"]
+        assert time.monotonic() - t1 < 5                                    # at once, not at --body-timeout
+        assert grown < extras * size / 4, f"the server grew {grown / 1e6:.1f} MB on {extras} refused bodies"
+        for s in refused:
+            s.close()
+
+        for s in held:                          # --body-timeout frees their slots
+            status, body = read_response(s, timeout=15)
+            assert status == 408 and "did not arrive within 10 s" in body["error"], body
+            s.close()
+        assert metric(url, "minibt_requests_in_flight") == 0
+        r = httpx.post(url + "/embed", json={"inputs": "still here"}, timeout=30)
+        assert r.status_code == 200 and len(r.json()) == 1
+        assert "Traceback" not in output(proc)
+    print(f"server grew {grown / 1e6:.1f} MB on {extras} refused bodies of {size} B")
 
 
 def test_idle_and_half_open_sockets_cannot_starve_health(minilm):

@@ -6,10 +6,10 @@ Three parts, each in its own file:
     serve_engine.py    the engine: the queue and the one worker thread that batches every queued request's rows
     serve_net.py       under the `minibt serve` command: the socket, header timeout and connection limit
 
-A request to a model route goes: the Host (loopback without a key) and the key -> read the JSON body (bounded in
-size and time) -> the dialect parses it -> a slot of --max-concurrent-requests (429), held until the answer ->
-tokens (here, on the event loop; big inputs on a thread) -> the engine's queue -> the dialect renders the rows ->
-bytes. Below the app, the
+A request to a model route goes: the Host (loopback without a key) and the key -> its headers (415 content type,
+413 Content-Length) -> a slot of --max-concurrent-requests (429, its body unread), held until the answer -> read
+the JSON body (bounded in size and time) -> the dialect parses it -> tokens (here, on the event loop; big inputs on
+a thread) -> the engine's queue -> the dialect renders the rows -> bytes. Below the app, the
 `minibt serve` command bounds connections themselves (serve_net.guarded): headers must arrive in time and idle or half-open
 connections cannot fill the server. Starlette + uvicorn (the `serve` extra) are imported only here, never by
 `import minibt`.
@@ -162,7 +162,7 @@ class Service:
         self.auto_truncate, self.payload_limit, self.body_timeout = auto_truncate, payload_limit, body_timeout
         pipeline = served.pipeline and served.pipeline.unnormalized()       # the dialects normalise (TEI: on request)
         self.worker = Worker(model, tok, pipeline, served.width, max_batch_tokens, keep_memory, score)
-        self.in_flight = 0                # requests holding a slot: tokenising, queued or running
+        self.in_flight = 0                # requests holding a slot: reading their body, tokenising, queued or running
         self.prompt_lengths = {}          # prompt -> its tokens (prompts come from the checkpoint: a few)
         self.answers = Counter()          # (route, status) -> count
         self.counts = Counter()           # inputs, tokens, queue_us, request_us
@@ -225,10 +225,9 @@ class Service:
     def _model_route(self, route, kind, parse):
         """A route that runs the model: the body, parsed by its dialect, tokenised, run, rendered by its dialect."""
         async def answer(request, timing):
-            body = await self._json(request)
-            self._need(kind, route)
-            ask = parse(body)
-            with self._slot():
+            async with self._admitted(request) as body:
+                self._need(kind, route)
+                ask = parse(body)
                 if ask.query is not None:
                     await self._check_query(ask.query)
                 encs = await self._encode(body, [ask.prompt + t for t in ask.texts] if ask.prompt else ask.texts,
@@ -240,8 +239,8 @@ class Service:
     async def tokenize(self, request, timing):
         """TEI's /tokenize, under the same slots as the model routes; its answer (~70 bytes of JSON a token) is
         bounded: at most tokenize_limit tokens, else 413 before any of it is built."""
-        texts, special = self.tei.tokenize(await self._json(request))
-        with self._slot():
+        async with self._admitted(request) as body:
+            texts, special = self.tei.tokenize(body)
             encs = await self._tokens(texts, "inputs", add_special_tokens=special)
             total = sum(len(e.ids) for e in encs)
             if total > self.tokenize_limit:
@@ -281,7 +280,8 @@ class Service:
                  "# TYPE minibt_requests_total counter"]
         lines += [f'minibt_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.answers.items())]
         for name, kind, value, help_ in [
-                ("minibt_requests_in_flight", "gauge", self.in_flight, "Requests tokenising, queued or running now."),
+                ("minibt_requests_in_flight", "gauge", self.in_flight,
+                 "Requests reading their body, tokenising, queued or running now."),
                 ("minibt_request_seconds_total", "counter", c["request_us"] / 1e6,
                  "Time from a request's arrival to its answer, all routes."),
                 ("minibt_inputs_total", "counter", c["inputs"], "Inputs (texts or pairs) embedded or scored."),
@@ -364,10 +364,18 @@ class Service:
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
                                 "key given to --api-key", "Unauthorized")
 
-    async def _json(self, request) -> dict:
-        """The body as a JSON object, read in chunks so that an oversized one is refused before it is all in memory,
-        and within --body-timeout so that a stalled client neither holds a connection nor delays a SIGTERM drain."""
-        from starlette.requests import ClientDisconnect
+    @contextlib.asynccontextmanager
+    async def _admitted(self, request):
+        """Every POST route's way in: the body's headers checked (415, 413), then one of --max-concurrent-requests
+        taken (429), and only then the body read, under that slot, which is held until the answer. So a busy server
+        refuses at once and reads no body it will not serve: N slots bound the bodies in memory to N x the payload
+        limit, not one per open connection."""
+        self._check_body_headers(request)
+        with self._slot():
+            yield await self._json(request)
+
+    def _check_body_headers(self, request) -> None:
+        """A body we will not read: not JSON (415), or a Content-Length over the payload limit (413)."""
         # JSON only, as TEI: a page on another site can POST a form or text/plain to a loopback server without the
         # browser asking first, but not application/json
         media = request.headers.get("content-type")
@@ -377,6 +385,11 @@ class Service:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.payload_limit:
             raise ApiError(413, f"payload is {declared} bytes, over the {self.payload_limit}-byte limit")
+
+    async def _json(self, request) -> dict:
+        """The body as a JSON object, read in chunks so that an oversized one is refused before it is all in memory,
+        and within --body-timeout so that a stalled client neither holds a connection nor delays a SIGTERM drain."""
+        from starlette.requests import ClientDisconnect
 
         async def read():
             chunks, size = [], 0
@@ -410,8 +423,8 @@ class Service:
 
     @contextlib.contextmanager
     def _slot(self):
-        """One of --max-concurrent-requests, held by a POST request from its parsed body to its answer (tokenising
-        included, /tokenize too): 429 before any work when all are taken."""
+        """One of --max-concurrent-requests, held by a POST request from before its body is read to its answer
+        (tokenising included, /tokenize too): 429 before any work, its body unread, when all are taken."""
         if self.in_flight >= self.max_concurrent_requests:
             raise ApiError(429, f"model is overloaded: {self.in_flight} requests in flight "
                                 f"(--max-concurrent-requests {self.max_concurrent_requests})", "Overloaded")
