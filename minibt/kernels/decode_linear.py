@@ -15,9 +15,10 @@ Larger products (prefill) take F.linear either way.
 Inside a compiled step (kernels/static_decode.py) a one-row product takes `one_row` instead: y = sum_k x[k] * W[:, k]
 written as an elementwise product and a sum, which inductor turns into one vectorized loop streaming W's rows
 (fp32 accumulation, the weight's dtype converted in registers). Measured on SmolLM2-135M's 121 linears, one row,
-AMD Zen 4, 2 threads: fp32 20.2 ms vs 49.4 (F.linear, row-major) and 38.5 (column-major above); bf16 16.3 vs 27-33
-ms; int8 weights (kernels/quantize.py) 10.5 vs 15.6 ms. It wants row-major weights: `row_major(model)` undoes the
-fp32 column-major layout (generate(compile=...) calls it for a batch of one).
+AMD Zen 4, 2 threads, compiled with static_decode's options (the input row stored once, not converted per weight
+row): fp32 21.7 ms vs 47.3 (F.linear, row-major) and 38.5 (column-major above); bf16 9.9 vs 27.1 ms; int8 weights
+(kernels/quantize.py) 6.6 vs 15.6 ms (torch._weight_int8pack_mm). It wants row-major weights: `row_major(model)`
+undoes the fp32 column-major layout (generate(compile=...) calls it for a batch of one).
 """
 from __future__ import annotations
 

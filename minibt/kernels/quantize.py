@@ -25,7 +25,7 @@ inference"). Every route computes with bf16 activations and returns x's dtype:
   embeddings fell to a min cosine of 0.934 against fp32 on 600 real texts; this route gives 0.999).
 - int4, any number of rows: `torch._weight_int4pack_mm_for_cpu` with bf16 activations (fp32: ~15x slower).
 - int8, one row inside a compiled decode step: decode_linear.one_row, inductor's vectorized reduction over the int8
-  rows (10.5 vs 15.6 ms for SmolLM2-135M's linears; inductor's own int8 GEMM template measured 17 ms here).
+  rows (6.6 vs 15.6 ms for SmolLM2-135M's linears; inductor's own int8 GEMM template measured 17 ms here).
 No full-precision copy of a quantized weight is kept: `from_hub(..., quantize=)` quantizes each layer as soon as its
 tensors are read (`check` first, then `quantize_weight`), so at most one float matrix is in memory at a time
 (plus the float embedding, which stays float).
