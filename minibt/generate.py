@@ -98,12 +98,40 @@ def pick_next(logits, *, do_sample, temperature, top_k, top_p, generator):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+def special_ids(model, eos_token_id, pad_token_id) -> tuple[set, int]:
+    """(the eos ids, the pad id): the arguments checked, else the checkpoint's generation_config.json / config.json;
+    no pad id: the smallest eos id (as transformers pads with eos), else 0."""
+    defaults = model.generation                     # config.json, then generation_config.json (loading.py)
+    if eos_token_id is None:
+        eos_token_id = defaults.get("eos_token_id")
+    else:
+        check_token_ids("eos_token_id", eos_token_id, model.config.vocab_size, True)
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    if pad_token_id is None:
+        pad_token_id = defaults.get("pad_token_id")
+    else:
+        check_token_ids("pad_token_id", pad_token_id, model.config.vocab_size, False)
+    return eos, pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+
+
+def static_step(model, compile, length: int):
+    """generate's compile= argument -> (the static_decode module, its mode), or (None, None) for eager steps."""
+    if not compile:
+        return None, None
+    if not STATIC_DECODE:
+        raise BackendError("generate(compile=...) needs the static decode step that minibt.kernels registers "
+                           "on import (from_hub imports it): import minibt.kernels")
+    mode = "default" if compile is True else compile
+    STATIC_DECODE[0].check(model, mode, length)
+    return STATIC_DECODE[0], mode
+
+
 @torch.inference_mode()
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, temperature=1.0,
              top_k=None, top_p=None, seed=None, eos_token_id=None, pad_token_id=None, streamer=None, compile=False):
-    """(B, S) prompts, left-padded (right padding is repacked to the left) -> (B, S + new). Rows that produced eos_token_id are padded with pad_token_id
-    afterwards, and generation stops when every row has. eos/pad default to the checkpoint's generation_config.json
-    or config.json (pass eos_token_id=[] to never stop early). `streamer(ids)` gets each step's (B,) tokens.
+    """(B, S) prompts, left-padded (right padding is repacked to the left) -> (B, S + new). Rows that produced
+    eos_token_id are padded with pad_token_id afterwards, and generation stops when every row has. eos/pad default
+    to the checkpoint's generation_config.json or config.json (pass eos_token_id=[] to never stop early). `streamer(ids)` gets each step's (B,) tokens.
     compile: True / "default" or "max-autotune": the decode steps run one compiled static-shape step
     (minibt/kernels/static_decode.py; the prefill stays eager); greedy tokens are the eager ones."""
     check_model(model)
@@ -119,36 +147,16 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
     if s + max_new_tokens > limit:
         raise InputError(f"prompt ({s} tokens) + max_new_tokens ({max_new_tokens}) = {s + max_new_tokens} exceeds "
                          f"the model's {limit} positions (max_position_embeddings in config.json)")
-    defaults = model.generation                     # config.json, then generation_config.json (loading.py)
-    if eos_token_id is None:
-        eos_token_id = defaults.get("eos_token_id")
-    else:
-        check_token_ids("eos_token_id", eos_token_id, model.config.vocab_size, True)
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-    if pad_token_id is None:
-        pad_token_id = defaults.get("pad_token_id")
-    else:
-        check_token_ids("pad_token_id", pad_token_id, model.config.vocab_size, False)
-    pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)     # as transformers: pad with eos
+    eos, pad = special_ids(model, eos_token_id, pad_token_id)
     generator = None
     if seed is not None:
         generator = torch.Generator(input_ids.device).manual_seed(seed)
-    static = None
-    if compile:
-        if not STATIC_DECODE:
-            raise BackendError("generate(compile=...) needs the static decode step that minibt.kernels registers "
-                               "on import (from_hub imports it): import minibt.kernels")
-        static_decode = STATIC_DECODE[0]
-        mode = "default" if compile is True else compile
-        static_decode.check(model, mode, s + max_new_tokens)
-        cache = static_decode.new_cache(model, b, s + max_new_tokens)
-    else:
-        cache = KVCache.for_model(model, b, s + max_new_tokens)
+    static_decode, mode = static_step(model, compile, s + max_new_tokens)
+    cache = (static_decode.new_cache if static_decode else KVCache.for_model)(model, b, s + max_new_tokens)
     mask = attention_mask.long()
     out = model(input_ids, attention_mask=mask, past_key_values=cache, last_only=True)
     logits = out.logits[:, -1]
-    if compile:
-        static = static_decode.StaticDecoder(model, cache, mask, s + max_new_tokens, mode)
+    static = static_decode.StaticDecoder(model, cache, mask, s + max_new_tokens, mode) if static_decode else None
     seqs, done = [input_ids], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(sorted(eos), device=input_ids.device) if eos else None
     for step in range(max_new_tokens):

@@ -128,7 +128,7 @@ def test_one_row_in_a_compiled_step_is_the_linear(dtype, bias):
     """decode_linear.one_row (what DecodeLinear and Int8Linear take for one row inside torch.compile) against the
     plain product in float64 on the same weights: fp32 within 1e-5 of the largest output, bf16 / int8 (bf16 output)
     within bf16 rounding. Two rows take the ordinary path (also checked)."""
-    from minibt.kernels.decode_linear import DecodeLinear, one_row
+    from minibt.kernels.decode_linear import DecodeLinear, one_row, over
     from minibt.kernels.quantize import Int8Linear
     torch.manual_seed(0)
     plain = torch.nn.Linear(576, 200, bias=bias)
@@ -136,7 +136,7 @@ def test_one_row_in_a_compiled_step_is_the_linear(dtype, bias):
         lin, act = Int8Linear.from_weight(plain.weight, plain.bias), torch.float32
         w64 = lin.qweight.double() * lin.scale_bf16.double()[:, None]     # the scales the kernels use
     else:
-        lin, act = DecodeLinear.over(plain, torch.nn.Parameter(plain.weight.detach().to(dtype))), dtype
+        lin, act = over(DecodeLinear, plain, torch.nn.Parameter(plain.weight.detach().to(dtype))), dtype
         lin.bias = None if plain.bias is None else torch.nn.Parameter(plain.bias.detach().to(dtype))
         w64 = lin.weight.double()
     torch._dynamo.reset()                   # one code object for every parameter: dynamo's recompile limit is 8

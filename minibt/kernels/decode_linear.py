@@ -30,15 +30,31 @@ from torch import nn
 MV_FOR_ONE_TOKEN = torch.cpu._is_amx_tile_supported()      # where torch.mv was measured the faster (see above)
 
 
+def over(cls, linear: nn.Linear, weight: "nn.Parameter | None" = None) -> nn.Linear:
+    """An nn.Linear subclass `cls` over `weight` (default: linear's own) and linear's bias (built on meta: nothing
+    allocated); the kernels' module swaps (here and onednn_linear.py)."""
+    new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    new.weight, new.bias = linear.weight if weight is None else weight, linear.bias
+    return new.train(linear.training)
+
+
+def swap_linears(root: nn.Module, make) -> None:
+    """Every plain nn.Linear under `root` replaced by make(linear)."""
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, make(child))
+
+
+def relaid(done: dict, p: nn.Parameter, make) -> nn.Parameter:
+    """p with its data made by make(data), once per tensor (`done` keyed by id: tied weights stay one tensor)."""
+    if id(p) not in done:
+        done[id(p)] = nn.Parameter(make(p.detach()), requires_grad=p.requires_grad)
+    return done[id(p)]
+
+
 class DecodeLinear(nn.Linear):
     """nn.Linear with the bf16 few-token paths above; identical maths."""
-
-    @classmethod
-    def over(cls, linear: nn.Linear, weight: nn.Parameter) -> "DecodeLinear":
-        """A new module over `weight` and `linear`'s own bias (built on meta: nothing allocated)."""
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        new.weight, new.bias = weight, linear.bias
-        return new.train(linear.training)
 
     def forward(self, x):
         w, k = self.weight, self.in_features
@@ -67,17 +83,10 @@ def one_row(x, w, bias=None, scale=None):
 def row_major(model) -> None:
     """Undo `apply`'s column-major fp32 layout (tied weights stay one tensor), for `one_row`; one matrix at a time."""
     done = {}
-
-    def layout(p: nn.Parameter) -> nn.Parameter:
-        if p.is_contiguous():
-            return p
-        if id(p) not in done:
-            done[id(p)] = nn.Parameter(p.detach().contiguous(), requires_grad=p.requires_grad)
-        return done[id(p)]
-
     for module in list(model.modules()):
-        if isinstance(module, DecodeLinear) or module is getattr(model, "embed", None):
-            module.weight = layout(module.weight)
+        if (isinstance(module, DecodeLinear) or module is getattr(model, "embed", None)) \
+                and not module.weight.is_contiguous():
+            module.weight = relaid(done, module.weight, torch.Tensor.contiguous)
 
 
 def applies(model) -> bool:
@@ -87,18 +96,13 @@ def applies(model) -> bool:
 def apply(model) -> None:
     """Swap every plain nn.Linear of a decoder for a DecodeLinear over the same parameters, and keep fp32 weights
     column-major (the embedding too: a tied LM head reads it; tied weights stay one tensor)."""
-    column_major = {}
+    done = {}
 
     def layout(p: nn.Parameter) -> nn.Parameter:
         if p.dtype != torch.float32 or p.dim() != 2 or not p.is_contiguous():
             return p
-        if id(p) not in column_major:                              # tied weights stay one tensor
-            column_major[id(p)] = nn.Parameter(p.detach().t().contiguous().t(), requires_grad=p.requires_grad)
-        return column_major[id(p)]
+        return relaid(done, p, lambda t: t.t().contiguous().t())
 
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, DecodeLinear.over(child, layout(child.weight)))
+    swap_linears(model, lambda linear: over(DecodeLinear, linear, layout(linear.weight)))
     if hasattr(model, "embed"):
         model.embed.weight = layout(model.embed.weight)

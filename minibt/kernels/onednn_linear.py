@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .decode_linear import over, swap_linears
+
 
 def _vendor() -> str:
     try:
@@ -35,12 +37,6 @@ NOT_INTEL = _vendor() not in ("", "GenuineIntel")
 
 class PackedLinear(nn.Linear):
     """nn.Linear whose fp32 CPU inference runs oneDNN's linear on a prepacked copy of the weight."""
-
-    @classmethod
-    def over(cls, linear: nn.Linear) -> "PackedLinear":
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        new.weight, new.bias = linear.weight, linear.bias
-        return new.train(linear.training)
 
     def forward(self, x):
         w = self.weight
@@ -62,7 +58,4 @@ def applies(model) -> bool:
 
 def apply(model) -> None:
     """Swap every plain nn.Linear of the encoder layers for a PackedLinear over the same parameters."""
-    for parent in list(model.layers.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear.over(child))
+    swap_linears(model.layers, lambda linear: over(PackedLinear, linear))

@@ -375,7 +375,7 @@ def save_quantized(model, folder):
     from pathlib import Path
     from safetensors.torch import save_file
     from ..config import read_json
-    from ..hub import ALLOW, inside
+    from ..hub import inside
     from ..outputs import atomic
     if not getattr(model, "quantization", None):
         raise QuantizeError("save_quantized: this model is not quantized; call quantize(model, 'int8') first")
@@ -392,9 +392,24 @@ def save_quantized(model, folder):
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise QuantizeError(f"save_quantized: cannot make {folder}: {e.strerror or e}") from None
+    tensors, aliases = saved_tensors(model)
+    q = model.quantization
+    manifest = dict(format=FORMAT, version=VERSION, scheme=q["scheme"], group_sizes=q["group_sizes"],
+                    modules=q["modules"], dtype=str(model_dtype(model)).removeprefix("torch."), family=model.family,
+                    model_type=config.get("model_type"), head=model.head, config_hash=config_hash(config),
+                    aliases=aliases, torch=torch.__version__)
+    with atomic(folder / QUANTIZED_FILE, QuantizeError, "quantized file") as tmp:
+        save_file(tensors, tmp, metadata={"minibt": json.dumps(manifest)})
+    copy_source_files(src, folder)
+    return folder
+
+
+def saved_tensors(model) -> tuple[dict, dict]:
+    """(name -> tensor to store, alias name -> stored name): int4 codes in our layout (save_quantized's docstring),
+    a tie left in float stored once."""
     tensors, seen = {}, {}
     for name, t in model.state_dict().items():
-        if name.endswith(".packed"):                       # the kernel's layout -> ours (documented above)
+        if name.endswith(".packed"):                       # the kernel's layout -> ours
             codes = model.get_submodule(name.rpartition(".")[0]).codes().to(torch.uint8)
             name, t = name[:-len("packed")] + "codes", codes[:, 0::2] | (codes[:, 1::2] << 4)
         key = (t.data_ptr(), t.shape, t.dtype)
@@ -404,13 +419,14 @@ def save_quantized(model, folder):
         tensors[name] = t.detach().to("cpu").contiguous()
     aliases = {n: seen[(t.data_ptr(), t.shape, t.dtype)] for n, t in model.state_dict().items()
                if seen.get((t.data_ptr(), t.shape, t.dtype), n) != n}
-    q = model.quantization
-    manifest = dict(format=FORMAT, version=VERSION, scheme=q["scheme"], group_sizes=q["group_sizes"],
-                    modules=q["modules"], dtype=str(model_dtype(model)).removeprefix("torch."), family=model.family,
-                    model_type=config.get("model_type"), head=model.head, config_hash=config_hash(config),
-                    aliases=aliases, torch=torch.__version__)
-    with atomic(folder / QUANTIZED_FILE, QuantizeError, "quantized file") as tmp:
-        save_file(tensors, tmp, metadata={"minibt": json.dumps(manifest)})
+    return tensors, aliases
+
+
+def copy_source_files(src, folder) -> None:
+    """config.json and the tokenizer files (hub.ALLOW, no weights) from the source folder, each read through
+    hub.inside and written atomically, never outside `folder`."""
+    from ..hub import ALLOW, inside
+    from ..outputs import atomic
     inside_out = folder.resolve()
     for pattern in ALLOW:
         for path in src.glob(pattern):
@@ -426,7 +442,6 @@ def save_quantized(model, folder):
                 raise QuantizeError(f"save_quantized: {dst.parent} leads outside {folder}; refused")
             with atomic(dst, QuantizeError, "copy of " + name) as tmp:
                 tmp.write_bytes(source.read_bytes())
-    return folder
 
 
 def check_save_folder(folder, config: dict) -> None:

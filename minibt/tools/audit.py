@@ -135,6 +135,42 @@ def _quiet_stderr():
             os.close(saved)
 
 
+def _compare_layers(result: AuditResult, name: str, ref, got) -> tuple:
+    """One row per layer of `got` (attention outputs or None, layer outputs) against the float64 reference `ref`
+    (fused gives the last layer only) into result.rows; (the first layer out of tolerance or None, the worst
+    relative error)."""
+    (ref_attn, ref_hidden), (attn, hidden) = ref, got
+    layers = range(len(ref_hidden) - len(hidden), len(ref_hidden))
+    first_bad, worst = None, 0.0
+    for i, h in zip(layers, hidden):
+        rh = ref_hidden[i]
+        row = dict(backend=name, layer=i, attn_abs=None, attn_rel=None, hidden_abs=(h.double() - rh).abs().max().item())
+        row["hidden_rel"] = row["hidden_abs"] / max(rh.abs().max().item(), 1e-30)
+        if attn is not None:
+            ra = ref_attn[i]
+            row["attn_abs"] = (attn[i].double() - ra).abs().max().item()
+            row["attn_rel"] = row["attn_abs"] / max(ra.abs().max().item(), 1e-30)
+        err = max(row["hidden_rel"], row["attn_rel"] or 0.0)
+        worst = max(worst, err)
+        if first_bad is None and err > result.tolerance:
+            first_bad = i
+        result.rows.append(row)
+    return first_bad, worst
+
+
+def _time(model, inputs: dict, repeats: int) -> tuple:
+    """(median ms of a forward after a warm-up, peak live bytes of one)."""
+    with torch.inference_mode():
+        model(**inputs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(**inputs)
+            times.append(time.perf_counter() - start)
+        peak = _peak_live_bytes(lambda: model(**inputs))
+    return statistics.median(times) * 1e3, peak
+
+
 def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None, title: str = "",
           progress=None) -> AuditResult:
     """inputs: the model's keyword inputs (input_ids, attention_mask[, token_type_ids]). Reference: naive in
@@ -177,32 +213,10 @@ def audit(model, inputs: dict, backends=None, *, repeats: int = 3, out_dir=None,
             model.set_attention(name)
             kind = _kind(backend)
             compared = COMPARED[kind] + (f" ({name} ran {', '.join(sorted(ran))})" if kind == "route" else "")
-            layers = range(len(ref_hidden) - len(hidden), len(ref_hidden))     # fused: the last layer only
-            first_bad, worst = None, 0.0
-            for i, h in zip(layers, hidden):
-                rh = ref_hidden[i]
-                row = dict(backend=name, layer=i, attn_abs=None, attn_rel=None,
-                           hidden_abs=(h.double() - rh).abs().max().item())
-                row["hidden_rel"] = row["hidden_abs"] / max(rh.abs().max().item(), 1e-30)
-                if attn is not None:
-                    ra = ref_attn[i]
-                    row["attn_abs"] = (attn[i].double() - ra).abs().max().item()
-                    row["attn_rel"] = row["attn_abs"] / max(ra.abs().max().item(), 1e-30)
-                err = max(row["hidden_rel"], row["attn_rel"] or 0.0)
-                worst = max(worst, err)
-                if first_bad is None and err > result.tolerance:
-                    first_bad = i
-                result.rows.append(row)
-            with torch.inference_mode():
-                model(**inputs)                                                 # warm-up
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    model(**inputs)
-                    times.append(time.perf_counter() - start)
-                peak = _peak_live_bytes(lambda: model(**inputs))
-            result.summary[name] = dict(compared=compared, ms=statistics.median(times) * 1e3, peak_mb=peak / 2**20,
-                                        first_bad_layer=first_bad, max_rel=worst)
+            first_bad, worst = _compare_layers(result, name, (ref_attn, ref_hidden), (attn, hidden))
+            ms, peak = _time(model, inputs, repeats)
+            result.summary[name] = dict(compared=compared, ms=ms, peak_mb=peak / 2**20, first_bad_layer=first_bad,
+                                        max_rel=worst)
             if progress is not None:
                 progress(name)
     finally:

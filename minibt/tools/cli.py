@@ -308,8 +308,8 @@ def fill_mask_run(args):
 
 
 def generate_args(p):
-    add_model(p, required=True, help="a causal LM (OPT, Llama or a relative): hub repo id or folder (required: the bundled "
-                                     "default is an encoder)")
+    add_model(p, required=True, help="a causal LM (OPT, Llama or a relative): hub repo id or folder (required: the "
+                                     "bundled default is an encoder)")
     add_attn(p)
     add_dtype(p)
     add_quantize(p)
@@ -340,7 +340,8 @@ def generate_run(args):
                           + ", ".join(n for n in BACKENDS if n != "fused"))
     model, name = load(args)
     if getattr(model, "lm_head", None) is None:
-        raise MinibtError(f"{name}: not a causal LM checkpoint (no LM head); generate needs a causal LM (OPT, Llama or a relative)")
+        raise MinibtError(f"{name}: not a causal LM checkpoint (no LM head); generate needs a causal LM (OPT, Llama "
+                          "or a relative)")
     tok = minibt.load_tokenizer(name)
     batch = tok([args.prompt])
     new = []
@@ -537,8 +538,9 @@ COMMANDS = [
 
 def parser() -> argparse.ArgumentParser:
     import minibt
-    p = _Parser(prog="minibt", formatter_class=_Help, description="Transformer encoders (BERT and its relatives) and decoders (OPT, "
-                "Llama and its relatives) in plain PyTorch. `minibt COMMAND --help` shows a command's flags.")
+    p = _Parser(prog="minibt", formatter_class=_Help,
+                description="Transformer encoders (BERT and its relatives) and decoders (OPT, Llama and its relatives) "
+                            "in plain PyTorch. `minibt COMMAND --help` shows a command's flags.")
     p.add_argument("--version", action="version", version=f"minibt {minibt.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for c in COMMANDS:

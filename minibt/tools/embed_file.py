@@ -176,6 +176,28 @@ def check_input(fd: int, name: str) -> bool:
     raise InputError(f"--file {name} is {kind}, not a file of lines; refused")
 
 
+def open_input(source: str):
+    """(binary stream, its name, its line count or None) for `source`, a path or '-' (stdin): a file is counted
+    first (a progress bar with a total); a pipe is read once, as it streams. Unreadable: InputError naming it."""
+    if source == "-":
+        check_input(sys.stdin.fileno(), "<stdin>")
+        return sys.stdin.buffer, "<stdin>", None
+    path = Path(source)
+    try:
+        stream = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"cannot read {source}: {e.strerror or e}") from None
+    try:
+        regular = check_input(stream.fileno(), source)
+        return stream, str(path.resolve()), count_lines(path) if regular else None
+    except OSError as e:
+        stream.close()
+        raise InputError(f"cannot read {source}: {e.strerror or e}") from None
+    except MinibtError:
+        stream.close()
+        raise
+
+
 def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, batch_tokens=None,
                progress=True, prompt_name=None, prompt=None, truncate_dim=None, precision="float32") -> int:
     """Embed every line of `source` (a path, or '-' for stdin) into `out`; returns the number of rows.
@@ -197,25 +219,7 @@ def embed_file(model, tok, source: str, out: Path, *, resume=False, chunk=2048, 
                                                                  else "|u1")
     settings = f"{model_fingerprint(model)}|{before}|{truncate_dim}|{precision}"
     fingerprint = hashlib.sha256(settings.encode()).hexdigest()[:32]
-    if source == "-":
-        check_input(sys.stdin.fileno(), "<stdin>")
-        stream, name, total = sys.stdin.buffer, "<stdin>", None
-    else:
-        path = Path(source)
-        try:
-            stream = open(path, "rb")
-        except OSError as e:
-            raise InputError(f"cannot read {source}: {e.strerror or e}") from None
-        try:
-            # a file is counted first (a progress bar with a total); a pipe is read once, as it streams
-            regular = check_input(stream.fileno(), source)
-            name, total = str(path.resolve()), count_lines(path) if regular else None
-        except OSError as e:
-            stream.close()
-            raise InputError(f"cannot read {source}: {e.strerror or e}") from None
-        except MinibtError:
-            stream.close()
-            raise
+    stream, name, total = open_input(source)
     try:
         writer = Writer(Path(out), width, name, resume, fingerprint, descr)
         lines = Lines(stream, name=name)

@@ -264,20 +264,15 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
     require_ray()
     if not ray.is_initialized():
         check_address(address)                          # fail fast, before loading the model or touching `out`
-    sources = [Path(s).resolve() for s in sources]
-    for s in sources:
-        if not s.is_file():
-            raise InputError(f"{s}: no such file")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: is a file; --ray writes a folder of Parquet shards: pick a folder")
+    sources, out = _check_paths(sources, out)
     loaded = check_model(model, attn, dtype)
     digests = []
     shards, invalid, first_invalid = plan_shards(sources, shard_rows, digests)
     # what decides the rows: resuming with any of it changed is refused, as `embed --file` refuses
     manifest = {"sources": [[str(s), s.stat().st_size, d] for s, d in zip(sources, digests)],
                 "shard_rows": shard_rows, "model": str(model),
-                "dtype": str(next(loaded.parameters()).dtype).removeprefix("torch."), "weights": model_fingerprint(loaded), "dim": loaded.config.hidden_size, "text": keep_text,
+                "dtype": str(next(loaded.parameters()).dtype).removeprefix("torch."),
+                "weights": model_fingerprint(loaded), "dim": loaded.config.hidden_size, "text": keep_text,
                 "rows": sum(s["rows"] for s in shards), "shards": len(shards)}
     run = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:32]
     _start_output(out, manifest, resume)
@@ -314,6 +309,18 @@ def embed_corpus(sources: list[str | Path], out: str | Path, model: str, *, addr
         raise MinibtError(f"{out}: shards {missing[:10]} are missing after the run")
     summary["seconds"] = time.perf_counter() - start
     return summary
+
+
+def _check_paths(sources, out) -> tuple[list[Path], Path]:
+    """The input files (each must exist, resolved) and the output folder (not a file)."""
+    sources = [Path(s).resolve() for s in sources]
+    for s in sources:
+        if not s.is_file():
+            raise InputError(f"{s}: no such file")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file; --ray writes a folder of Parquet shards: pick a folder")
+    return sources, out
 
 
 def _start_output(out: Path, manifest: dict, resume: bool) -> None:

@@ -531,6 +531,35 @@ SERVE_OPTIONS = ("port", "max_batch_tokens", "max_client_batch_size", "max_concu
                  "body_timeout", "header_timeout", "keep_alive_timeout", "api_key")
 
 
+def load_served(args) -> tuple:
+    """(model, tokenizer or None, the head served) for `minibt serve`'s --model: a *ForCausalLM checkpoint that is no
+    sentence-embedding model (no Pooling module) is an LLM reranker; a *ForSequenceClassification one a
+    cross-encoder; any other sentence embeddings."""
+    import minibt
+    from ..hub import resolve
+    from ..loading import pick_head
+    from .cli import dtype_of, model_name
+    folder = resolve(model_name(args))
+    config_path = inside(folder, "config.json")
+    config = read_json(config_path, required=True)
+    if kind_of(folder, config) == "llm":
+        model = minibt.Reranker(folder, attn=args.attn, dtype=dtype_of(args), quantize=args.quantize)
+        return model, None, "llm reranker"
+    head = pick_head(config, "auto", SERVED_HEADS, config_path)
+    model = minibt.from_hub(folder, attn=args.attn, dtype=dtype_of(args), head=head, quantize=args.quantize)
+    return model, minibt.load_tokenizer(folder), head
+
+
+def allowed_hosts(host: str, port: int, api_key) -> "list[str] | None":
+    """The Host headers answered: on loopback without a key only this server's own names (DNS rebinding); with a
+    key or on another address, any (None)."""
+    ip = ipaddress.ip_address(host)
+    loopback = ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+    if not loopback or api_key is not None:
+        return None
+    return [f"{name}:{port}" for name in LOOPBACK_NAMES] + (list(LOOPBACK_NAMES) if port == 80 else [])
+
+
 def run(args) -> None:
     """`minibt serve` (flags: tools/cli.py serve_args). Every failure before the server starts is a MinibtError,
     which the command line answers with one line and exit code 2. Order: the options, the socket (bound), the model
@@ -543,39 +572,20 @@ def run(args) -> None:
         from .serve_net import AcceptLimitLog, bind, connection_limit, guarded
     except ImportError:
         raise MinibtError("minibt serve needs starlette and uvicorn: pip install 'minibt[serve]'") from None
-    import minibt
-    from ..hub import resolve
-    from ..loading import pick_head
-    from .cli import dtype_of, model_name
+    from .cli import model_name
     sock = bind(args.host, args.port)
     try:
         host, port = sock.getsockname()[:2]
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         print(f"minibt serve: loading {model_name(args)} ...", flush=True)
-        folder = resolve(model_name(args))
-        config_path = inside(folder, "config.json")
-        config = read_json(config_path, required=True)
-        if kind_of(folder, config) == "llm":
-            # a *ForCausalLM checkpoint that is no sentence-embedding model (no Pooling module) is an LLM reranker
-            head = "llm reranker"
-            model = minibt.Reranker(folder, attn=args.attn, dtype=dtype_of(args), quantize=args.quantize)
-            tok = None
-        else:
-            # a *ForSequenceClassification checkpoint is served as a cross-encoder, any other as sentence embeddings
-            head = pick_head(config, "auto", SERVED_HEADS, config_path)
-            model = minibt.from_hub(folder, attn=args.attn, dtype=dtype_of(args), head=head, quantize=args.quantize)
-            tok = minibt.load_tokenizer(folder)
+        model, tok, head = load_served(args)
         model_id = args.model_id or (str(args.model) if args.model else "sentence-transformers/all-MiniLM-L6-v2")
-        # loopback without a key: only this server's own names (DNS rebinding); a key or a public address: any Host
-        ip = ipaddress.ip_address(host)
-        loopback = ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
-        hosts = [f"{name}:{port}" for name in LOOPBACK_NAMES] + (list(LOOPBACK_NAMES) if port == 80 else [])
         # keep_memory: this process is the server's own, so the process-wide malloc setting is ours to make
         asgi = app(model, tok, max_batch_tokens=args.max_batch_tokens,
                    max_client_batch_size=args.max_client_batch_size,
                    max_concurrent_requests=args.max_concurrent_requests, api_key=args.api_key,
                    auto_truncate=args.auto_truncate, model_id=model_id, body_timeout=args.body_timeout,
-                   keep_memory=True, allowed_hosts=hosts if loopback and args.api_key is None else None)
+                   keep_memory=True, allowed_hosts=allowed_hosts(host, port, args.api_key))
         if not args.no_access_log:
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

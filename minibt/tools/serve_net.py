@@ -25,6 +25,71 @@ def raw_answer(transport, status: int, message: str, kind: str) -> None:
     transport.close()
 
 
+class HeaderGuard:
+    """The bounds `guarded` adds to uvicorn's HTTP protocol (a mixin before it; class attributes header_timeout and
+    max_connections)."""
+
+    header_timeout: float
+    max_connections: int
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.partial, self.timer = False, None
+        self.arm()
+        if len(self.connections) > self.max_connections:
+            # (one already closing stays in the set until its close has run: not picked twice)
+            waiting = [c for c in self.connections
+                       if c is not self and c.waiting() and not c.transport.is_closing()]
+            if waiting:
+                min(waiting, key=lambda c: c.since).expire(
+                    503, f"closed to make room for a new connection (--max-connections {self.max_connections}) "
+                         "before this request's headers were complete")
+            else:
+                raw_answer(transport, 503, f"every one of the server's {self.max_connections} connections is "
+                                           "running a request: try again", "Overloaded")
+
+    def waiting(self) -> bool:
+        """No request running: before the first one's headers are complete, or after an answer."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def arm(self):
+        if self.timer is not None:
+            self.timer.cancel()
+        self.since = time.monotonic()
+        self.timer = self.loop.call_later(self.header_timeout, self.expire)
+
+    def data_received(self, data):
+        if self.waiting():                      # bytes of a request whose headers are not all here yet
+            if self.timer is None:
+                self.arm()
+            self.partial = True
+        super().data_received(data)
+
+    def expire(self, status=408, why=None):
+        """Close a connection with no request running; one that has sent part of a request is told why."""
+        if self.timer is not None:
+            self.timer.cancel()                 # when called to make room, not by the timer
+        self.timer = None
+        if not self.waiting() or self.transport.is_closing():
+            return                              # its request is running: the body has --body-timeout
+        if self.partial:
+            why = why or f"the request's headers did not arrive within {self.header_timeout:g} s (--header-timeout)"
+            raw_answer(self.transport, status, why, "Timeout" if status == 408 else "Overloaded")
+        else:
+            self.transport.close()
+
+    def on_response_complete(self):
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer, self.partial, self.since = None, False, time.monotonic()
+        super().on_response_complete()
+
+    def connection_lost(self, exc):
+        if self.timer is not None:
+            self.timer.cancel()
+        super().connection_lost(exc)
+
+
 def guarded(base, header_timeout: float, max_connections: int):
     """uvicorn's HTTP protocol class `base` with the two bounds a local service needs that uvicorn lacks (nginx has
     both): a request's headers must be complete within header_timeout seconds of the connection opening or of the
@@ -32,64 +97,7 @@ def guarded(base, header_timeout: float, max_connections: int):
     max_connections are open: one more closes the longest-waiting connection with no request running, or is
     answered 503 when every one is running a request. So idle and half-open sockets cannot starve /health.
     Idle kept-alive connections are closed by uvicorn (--keep-alive-timeout)."""
-    class Guarded(base):
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self.partial, self.timer = False, None
-            self.arm()
-            if len(self.connections) > max_connections:
-                # (one already closing stays in the set until its close has run: not picked twice)
-                waiting = [c for c in self.connections
-                           if c is not self and c.waiting() and not c.transport.is_closing()]
-                if waiting:
-                    min(waiting, key=lambda c: c.since).expire(
-                        503, f"closed to make room for a new connection (--max-connections {max_connections}) "
-                             "before this request's headers were complete")
-                else:
-                    raw_answer(transport, 503, f"every one of the server's {max_connections} connections is "
-                                               "running a request: try again", "Overloaded")
-
-        def waiting(self) -> bool:
-            """No request running: before the first one's headers are complete, or after an answer."""
-            return self.cycle is None or self.cycle.response_complete
-
-        def arm(self):
-            if self.timer is not None:
-                self.timer.cancel()
-            self.since = time.monotonic()
-            self.timer = self.loop.call_later(header_timeout, self.expire)
-
-        def data_received(self, data):
-            if self.waiting():                      # bytes of a request whose headers are not all here yet
-                if self.timer is None:
-                    self.arm()
-                self.partial = True
-            super().data_received(data)
-
-        def expire(self, status=408, why=None):
-            """Close a connection with no request running; one that has sent part of a request is told why."""
-            if self.timer is not None:
-                self.timer.cancel()                 # when called to make room, not by the timer
-            self.timer = None
-            if not self.waiting() or self.transport.is_closing():
-                return                              # its request is running: the body has --body-timeout
-            if self.partial:
-                why = why or f"the request's headers did not arrive within {header_timeout:g} s (--header-timeout)"
-                raw_answer(self.transport, status, why, "Timeout" if status == 408 else "Overloaded")
-            else:
-                self.transport.close()
-
-        def on_response_complete(self):
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer, self.partial, self.since = None, False, time.monotonic()
-            super().on_response_complete()
-
-        def connection_lost(self, exc):
-            if self.timer is not None:
-                self.timer.cancel()
-            super().connection_lost(exc)
-    return Guarded
+    return type("Guarded", (HeaderGuard, base), {"header_timeout": header_timeout, "max_connections": max_connections})
 
 
 def connection_limit(wanted: int) -> int:
