@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never download
+# compiled steps and inductor's caches go to a folder of this run's own: a step saved by an earlier run (or the
+# user's ~/.cache/minibt) would be loaded instead of compiled, and the tests count compiles
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="minibt-tests-inductor-")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

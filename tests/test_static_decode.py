@@ -51,10 +51,10 @@ def test_one_row_steps_give_eager_tokens(tiny_decoder, name):
     assert torch.equal(greedy(model, ids, mask, new=16), eager)
 
 
-def llama_folder(tmp_path, **kw):
+def llama_folder(tmp_path, seed=7, **kw):
     """A tiny Llama whose widths int4's 32-wide groups divide."""
     import transformers
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=99, max_position_embeddings=64, **kw)
     transformers.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path)
@@ -103,19 +103,70 @@ def test_refused_by_name(tiny_decoder):
     assert graphs() == before + 1                           # the refused ones compiled nothing
 
 
-def test_a_second_compile_reads_the_disk_cache(monkeypatch, tmp_path, tiny_decoder):
-    """What a second process does: trace again, then load inductor's compiled graph from the disk cache instead
-    of compiling it (dynamo's in-memory state reset stands for the new process)."""
-    from torch._dynamo.utils import counters
+SECOND_PROCESS = """
+import json, sys, torch, minibt
+from torch._dynamo.utils import counters
+ids, mask = (torch.tensor(json.loads(a)) for a in sys.argv[2:])
+out = minibt.from_hub(sys.argv[1]).generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[],
+                                            compile=True)
+print(out.tolist(), counters["stats"]["unique_graphs"])
+"""
+
+
+def steps(tmp_path):
+    return sorted((tmp_path / "inductor" / static_decode.STEPS_DIR).glob("*.bin"))
+
+
+def test_a_second_process_loads_the_saved_step(monkeypatch, tmp_path, tiny_decoder):
+    """The step is compiled ahead and saved; a new process loads it and traces nothing (no dynamo graph)."""
+    import json
+    import subprocess
+    import sys
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    model = minibt.from_hub(tiny_decoder("llama-gqa")[0])
+    folder = tiny_decoder("llama-gqa")[0]
     ids, mask = left_padded(99, 0)
-    first = greedy(model, ids, mask, compile=True)
-    assert any((tmp_path / "inductor").rglob("*.py"))                      # the compiled graph is on disk there
-    torch._dynamo.reset()
-    hits = counters["inductor"]["fxgraph_cache_hit"]
-    assert torch.equal(greedy(model, ids, mask, compile=True), first)
-    assert counters["inductor"]["fxgraph_cache_hit"] == hits + 1
+    first = greedy(minibt.from_hub(folder), ids, mask, compile=True)
+    assert len(steps(tmp_path)) == 1
+    run = subprocess.run([sys.executable, "-c", SECOND_PROCESS, str(folder), json.dumps(ids.tolist()),
+                          json.dumps(mask.tolist())], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    tokens, traced = run.stdout.strip().rsplit(" ", 1)
+    assert tokens == str(first.tolist()) and traced == "0"
+
+
+def test_a_saved_step_serves_other_weights(monkeypatch, tmp_path):
+    """The saved step takes the weights as arguments: a model of the same config with other weights loads it
+    (compiles nothing) and gets its own eager tokens; the guards are checked once, not per step."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    ids, mask = left_padded(99, 0)
+    a = minibt.from_hub(llama_folder(tmp_path / "a"))
+    b = minibt.from_hub(llama_folder(tmp_path / "b", seed=8))
+    assert not torch.equal(a.embed.weight, b.embed.weight)
+    greedy(a, ids, mask, compile=True)
+    before = graphs()
+    assert torch.equal(greedy(b, ids, mask, compile=True), greedy(b, ids, mask))
+    assert graphs() == before and len(steps(tmp_path)) == 1
+    (fn,) = static_decode.SAVED[b].values()
+    assert not fn._guard_check_enabled
+
+
+def test_an_unusable_saved_step_is_compiled_again(monkeypatch, tmp_path):
+    """A truncated file, or one whose guards refuse the arguments (another batch size's step under this key), is
+    named in a warning, compiled again and replaced; the tokens are eager's."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    folder = llama_folder(tmp_path / "m")
+    ids, mask = left_padded(99, 0)
+    eager = greedy(minibt.from_hub(folder), ids, mask)
+    greedy(minibt.from_hub(folder), ids[:1], mask[:1], compile=True)
+    (one,) = steps(tmp_path)
+    greedy(minibt.from_hub(folder), ids, mask, compile=True)
+    (two,) = set(steps(tmp_path)) - {one}
+    for bad in (two.read_bytes()[:1000], one.read_bytes()):
+        two.write_bytes(bad)
+        with pytest.warns(UserWarning, match=f"saved decode step {two}.*not usable.*compiling it again"):
+            assert torch.equal(greedy(minibt.from_hub(folder), ids, mask, compile=True), eager)
+        assert two.read_bytes() != bad
+        assert torch.equal(greedy(minibt.from_hub(folder), ids, mask, compile=True), eager)     # no warning now
 
 
 def test_cache_dir_defaults_under_minibt(monkeypatch, tiny_decoder):

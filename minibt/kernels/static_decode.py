@@ -40,8 +40,12 @@ dynamic-RoPE model asked for more than max_position_embeddings (its frequencies 
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import types
+import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -198,24 +202,117 @@ def rope_table(model, length: int, size: int, dtype, device):
     return torch.cat([cos[0], pad]), torch.cat([sin[0], pad])
 
 
-def compiled(model, mode: str, device):
-    """The step compiled for `model`'s device in `mode`, made once per model and mode (shapes are static: a new
-    batch size or capacity compiles again, a different length of the same bucket does not)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
-    kind = "cuda" if device.type == "cuda" else "cpu"
+def options(mode: str, kind: str) -> dict:
+    """inductor's options for the step in `mode` on a `kind` ("cpu" / "cuda") device."""
     # emulate_precision_casts: round where eager rounds. CPU, realize_opcount_threshold 0: every pointwise result
     # is stored once before its readers; inductor's CPU default (50 ops) inlined each norm into the one-row products
     # that read it (decode_linear.one_row), recomputing the norm for every weight row: bf16 SmolLM2 27.9 -> 63.5
     # tok/s, fp32 44.9 -> 47.5 (default mode, AMD Zen 4, 2 threads). CUDA: CUDA graphs.
     device_options = {"cpu": {"realize_opcount_threshold": 0}, "cuda": {"triton.cudagraphs": True}}[kind]
-    options = {"emulate_precision_casts": True, **device_options, **MODES[mode].get(kind, {})}
+    return {"emulate_precision_casts": True, **device_options, **MODES[mode].get(kind, {})}
+
+
+def cache_dir() -> Path:
+    """$TORCHINDUCTOR_CACHE_DIR, set to CACHE_DIR when unset (inductor's caches and the saved steps live there)."""
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR)))
+
+
+def compiled(model, mode: str, device):
+    """The step just in time: torch.compile'd for `model`'s device in `mode`, made once per model and mode (shapes
+    are static: a new batch size or capacity compiles again, a different length of the same bucket does not)."""
+    cache_dir()
+    kind = "cuda" if device.type == "cuda" else "cpu"
     store = model.__dict__.setdefault("_static_steps", {})
     if mode not in store:
         # dynamo keeps at most recompile_limit (8) graphs per code object: each model compiles its own copy of
         # step's code, so that models (and their batch sizes and buckets) do not share that budget
         own = types.FunctionType(step.__code__.replace(), step.__globals__, "step")
-        store[mode] = torch.compile(own, fullgraph=True, dynamic=False, options=options)
+        store[mode] = torch.compile(own, fullgraph=True, dynamic=False, options=options(mode, kind))
     return store[mode]
+
+
+# Saved steps (CPU). A second process should not trace the model again (dynamo: ~6 s for SmolLM2's 30 layers), and
+# a step should not evaluate dynamo's guards (~1.4 ms of a 10 ms int8 step). So on the CPU the step is compiled
+# ahead for the first call's arguments (torch's aot_compile: the traced graph, its guards and inductor's compiled
+# code), saved under the cache dir by a key of everything it was compiled for (torch, minibt's sources, the model's
+# class, config, module types and tensor layouts, the arguments' layouts, the mode, the CPU and its thread count),
+# loaded by the next process, its guards checked once against the first call's arguments, and then called without
+# them: a generation's steps take tensors of the same layouts by construction (StaticDecoder). A saved step is
+# pickled data that this process (or an earlier one) wrote under the user's own cache dir, as inductor's caches
+# are; it is never read from a checkpoint.
+STEPS_DIR = "minibt-steps"
+SAVED = weakref.WeakKeyDictionary()     # model -> {key: step}; not in the model's __dict__, which guards pickle
+
+
+def saved_step(model, mode: str, args: tuple):
+    """The CPU step for `args` (step's arguments after `model`): from this model's store, else from disk, else
+    compiled ahead now and saved; its guards checked once, then off."""
+    store = SAVED.setdefault(model, {})
+    key = step_key(model, mode, args)
+    if key not in store:
+        path = cache_dir() / STEPS_DIR / f"{key}.bin"
+        fn = load_step(path, model, args)
+        if fn is None:
+            fn = torch.compile(step, fullgraph=True, dynamic=False, options=options(mode, "cpu")).aot_compile(
+                ((model, *args), {}))
+            if not fn.guard_check(model, *args):
+                raise BackendError("compile=True: the step compiled ahead refuses the arguments it was compiled for")
+            save_step(fn, path)
+        fn.disable_guard_check()
+        store[key] = fn
+    return store[key]
+
+
+def load_step(path: Path, model, args: tuple):
+    """The step saved at `path` if there is one and its guards take (model, *args); else None (a file that does not
+    load or does not fit is compiled again and replaced, with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            fn = torch.compiler.load_compiled_function(f, f_globals=step.__globals__)
+        if fn.guard_check(model, *args):
+            return fn
+        reason = "its guards refuse these arguments"
+    except Exception as e:                      # a truncated or foreign file, or one from another torch build
+        reason = f"{type(e).__name__}: {e}"
+    warnings.warn(f"compile=True: the saved decode step {path} is not usable ({reason[:300]}); compiling it again",
+                  stacklevel=4)
+    return None
+
+
+def save_step(fn, path: Path) -> None:
+    """Write the compiled step to `path` (atomically); a step that cannot be written stays in this process only."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fn.save_compiled_function(str(path))
+    except Exception as e:
+        warnings.warn(f"compile=True: the decode step could not be saved to {path} ({type(e).__name__}: "
+                      f"{str(e)[:300]}); the next process compiles it again", stacklevel=4)
+
+
+def step_key(model, mode: str, args: tuple) -> str:
+    """A digest of everything the saved step was compiled for (see Saved steps above)."""
+    def layout(value):
+        if isinstance(value, torch.Tensor):
+            return (str(value.dtype), value.device.type, tuple(value.shape), value.stride())
+        if isinstance(value, (list, tuple)):
+            return [layout(v) for v in value]
+        return repr(value)
+    what = [torch.__version__, source_digest(), type(model).__qualname__, repr(model.config), mode,
+            torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), layout(args),
+            [(name, type(m).__qualname__) for name, m in model.named_modules()],
+            [(name, layout(t)) for name, t in (*model.named_parameters(), *model.named_buffers())]]
+    return hashlib.sha256(repr(what).encode()).hexdigest()[:32]
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of minibt's own Python sources: a changed layer never reuses a step saved before the change."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parents[1].rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 class StaticDecoder:
@@ -227,7 +324,13 @@ class StaticDecoder:
         device = attention_mask.device
         if b == 1 and device.type == "cpu":
             row_major(model)                        # one row: decode_linear.one_row streams row-major weights
-        self.model, self.step, self.cache = model, compiled(model, mode, device), cache
+        self.model, self.mode, self.cache = model, mode, cache
+        # CPU: the saved step (compiled ahead, no guards per step) where this torch has it, unless the mode freezes
+        # the weights into the compiled code (max-autotune: a saved step must take them as arguments); CUDA: just in
+        # time, with CUDA graphs
+        ahead = (device.type == "cpu" and hasattr(torch.compiler, "load_compiled_function")
+                 and not options(mode, "cpu").get("freezing"))
+        self.step = None if ahead else compiled(model, mode, device)
         self.ks, self.vs = cache.k, cache.v
         size = cache.capacity
         self.key_ok = torch.ones(b, size, dtype=torch.bool, device=device)
@@ -240,7 +343,10 @@ class StaticDecoder:
     def __call__(self, ids):
         if self.at.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self.step(self.model, ids, self.at, self.at - self.pads, self.key_ok, self.ks, self.vs, self.rope)
+        args = (ids, self.at, self.at - self.pads, self.key_ok, self.ks, self.vs, self.rope)
+        if self.step is None:
+            self.step = saved_step(self.model, self.mode, args)
+        logits = self.step(self.model, *args)
         self.at = self.at + 1
         return logits
 
