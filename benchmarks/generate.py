@@ -286,7 +286,7 @@ def load_variant(name: str):
 
 def warm_start(name: str, prompt: int) -> str:
     """Seconds from loading `name` to its first compiled decode step done, in this (fresh) process: with the
-    compiled kernels in inductor's disk cache (the parent compiled them), the load, re-tracing and cache reads."""
+    step the parent compiled and saved under the cache dir (static_decode's saved steps): the load and that read."""
     start = time.perf_counter()
     _, decode = load_variant(name)
     ids, _ = prompts(1, prompt)
@@ -313,7 +313,7 @@ def quantized_main(args):
     import os
     folder = build_smollm2()
     ggufs = gguf_files()
-    # compiled kernels go to a fresh disk cache: the first call pays the whole compile, the warm-start child reads it
+    # compiled steps go to a fresh cache dir: the first call pays the whole compile, the warm-start child loads it
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="minibt-inductor-")
     names = ["transformers fp32", "transformers bf16", "minibt fp32", "minibt bf16", "minibt int8", "minibt int4",
              "minibt int8 bf16", "minibt int4 bf16"]
@@ -384,8 +384,8 @@ def quantized_main(args):
             "file a deployment ships (minibt: save_quantized's file). RSS: a fresh process after loading and "
             "decoding 8 tokens (VmRSS; peak = VmHWM), which includes ~300-400 MiB of torch + Python for every "
             f"torch row. '... compiled': generate(compile={COMPILE[0]!r}), the static decode step "
-            "(minibt/kernels/static_decode.py); compile s: its first call less a timed one, into an empty inductor "
-            "cache; warm start s: a second process from load to its first compiled step, reading that cache. Greedy "
+            "(minibt/kernels/static_decode.py); compile s: its first call less a timed one, into an empty cache dir; "
+            "warm start s: a second process from load to its first compiled step, loading the step saved there. Greedy "
             "agrees: the leading new tokens equal to minibt fp32's; compiled = eager: to the same variant's eager "
             "tokens.\n\n"
             + table(["variant", "decode tok/s", "vs transformers fp32", "vs transformers bf16", "size on disk MiB",
