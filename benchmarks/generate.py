@@ -331,6 +331,8 @@ def quantized_main(args):
                 times[n]["pre"].append(_timed(lambda: fn(ids, 1)))
                 times[n]["all"].append(_timed(lambda: fn(ids, 1 + args.new)))
     decode = {n: args.new / (statistics.median(t["all"]) - statistics.median(t["pre"])) for n, t in times.items()}
+    # each rep's own rate: the variants of one rep ran back to back, so rep i of two variants saw the same machine
+    per_rep = {n: [args.new / (a - p) for a, p in zip(t["all"], t["pre"])] for n, t in times.items()}
     del runs
     disk = {"transformers fp32": folder / "model.safetensors", "minibt fp32": folder / "model.safetensors"}
     tmp = Path(tempfile.mkdtemp())
@@ -358,7 +360,7 @@ def quantized_main(args):
         def agree(other):
             return f"{int((greedy[n][0, ids.shape[1]:] == greedy[other][0, ids.shape[1]:]).cumprod(0).sum())}/{args.new + 1}"
         eager = agree(n.removesuffix(" compiled")) if n.endswith(" compiled") else ""
-        rows.append([n, f"{decode[n]:.1f}", f"{decode[n] / base:.2f}x", f"{decode[n] / decode['transformers bf16']:.2f}x",
+        rows.append([n, f"{decode[n]:.1f}", f"{min(per_rep[n]):.1f}-{max(per_rep[n]):.1f}", f"{decode[n] / base:.2f}x", f"{decode[n] / decode['transformers bf16']:.2f}x",
                      size, rss[0] if rss else "?", rss[1] if rss else "?", compiled, warm, agree("minibt fp32"), eager])
     notes = []
     for scheme, goal, q in (("int8", 2.5, "Q8_0"), ("int4", 3.5, "Q4_1")):
@@ -367,7 +369,9 @@ def quantized_main(args):
             line = f"- {variant}: {r / base:.2f}x transformers fp32 (goal >= {goal}x: {'met' if r / base >= goal else 'MISSED'})"
             if f"llama.cpp {q}" in decode:
                 lr = decode[f"llama.cpp {q}"]
-                line += f"; {r / lr:.2f}x llama.cpp {q} (goal >= 1.0x: {'met' if r >= lr else 'MISSED'})"
+                wins = sum(m > l for m, l in zip(per_rep[variant], per_rep[f"llama.cpp {q}"]))
+                line += (f"; {r / lr:.2f}x llama.cpp {q} (goal >= 1.0x: {'met' if r >= lr else 'MISSED'}; faster in "
+                         f"{wins} of {args.reps} reps)")
             notes.append(line)
     for d in ("fp32", "bf16"):
         r = decode[f"minibt {d} compiled"] / decode[f"transformers {d}"]
@@ -385,11 +389,13 @@ def quantized_main(args):
             "decoding 8 tokens (VmRSS; peak = VmHWM), which includes ~300-400 MiB of torch + Python for every "
             f"torch row. '... compiled': generate(compile={COMPILE[0]!r}), the static decode step "
             "(minibt/kernels/static_decode.py); compile s: its first call less a timed one, into an empty cache dir; "
-            "warm start s: a second process from load to its first compiled step, loading the step saved there. Greedy "
-            "agrees: the leading new tokens equal to minibt fp32's; compiled = eager: to the same variant's eager "
+            "warm start s: a second process from load to its first compiled step, loading the step saved there. "
+            "Reps' range: the slowest and fastest rep's own rate (this VM's memory bandwidth varies from minute to "
+            "minute: the same variant spreads by 10-30%); 'faster in k of n reps' compares the two variants rep by "
+            "rep, each rep running every variant back to back. Greedy agrees: the leading new tokens equal to minibt fp32's; compiled = eager: to the same variant's eager "
             "tokens.\n\n"
-            + table(["variant", "decode tok/s", "vs transformers fp32", "vs transformers bf16", "size on disk MiB",
-                     "RSS MiB", "peak RSS MiB", "compile s", "warm start s", "greedy agrees",
+            + table(["variant", "decode tok/s", "reps' range", "vs transformers fp32", "vs transformers bf16",
+                     "size on disk MiB", "RSS MiB", "peak RSS MiB", "compile s", "warm start s", "greedy agrees",
                      "compiled = eager"], rows)
             + "\n\n" + "\n".join(notes) + (f"\n\n{args.note}" if args.note else ""))
     write_section("generate_quantized", body)
