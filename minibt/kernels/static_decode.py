@@ -15,8 +15,14 @@ What makes the step static (issue 28; each item was measured to matter, AMD Zen 
   streams the weight's rows (fp32 weights re-laid row-major for it, int8 weights as stored), and every pointwise
   result is stored once before its readers (realize_opcount_threshold 0): inductor's default inlined each norm into
   the products reading it and recomputed it per weight row (bf16: 27.9 tok/s with it, 63.5 without, in a probe).
-  SmolLM2-135M batch 1, default mode, AMD Zen 4, 2 threads (docs/benchmarks.md generate_quantized): fp32 61.3,
-  bf16 77.8, int8 98.7 tok/s (the step before, max-autotune with aten's products: 21.9, 27.7, 54.6).
+  SmolLM2-135M batch 1, default mode, AMD Zen 4, 2 threads (docs/benchmarks.md generate_quantized): fp32 61.1,
+  bf16 91.7, int8 115.8, int4 114.1 tok/s (the step before, max-autotune with aten's products: 21.9, 27.7, 54.6).
+  Where an int8 step's ~8.5 ms go: ~6.5 ms in the products (the same step with every product replaced by a
+  trivial one took 1.7-2.3 ms), i.e. ~20 GB/s for 134 MB of weights; the rest is inductor's three fused C++ kernels'
+  small serial loops and their OpenMP barriers (~630 per step), attention over the cache (11.8 MB of fp32 keys and
+  values), and the Python wrapper. Measured and not kept (interleaved, same process): the C++ wrapper (-0.2 ms),
+  no size asserts (-0.1 ms), realize_opcount_threshold 3 or aggressive_fusion (slower), pausing the garbage
+  collector (no collection ran in 320 steps), weights in 2 MiB pages (8.04 vs 8.06 ms).
 The layers are the model's own modules, called with a `StaticBatch` in place of attention/batch.py's `Batch`; only
 each family's two ends (embeddings, final norm and head) are restated here, in `ENDS`. The attention is naive.py's
 formula (scores in fp32, the variants in the same order), so every variant the layers ask for is computed.
