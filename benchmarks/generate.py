@@ -391,7 +391,7 @@ def quantized_main(args):
             "(minibt/kernels/static_decode.py); compile s: its first call less a timed one, into an empty cache dir; "
             "warm start s: a second process from load to its first compiled step, loading the step saved there. "
             "Reps' range: the slowest and fastest rep's own rate (this VM's memory bandwidth varies from minute to "
-            "minute: the same variant spreads by 10-30%); 'faster in k of n reps' compares the two variants rep by "
+            "minute: the same variant spreads by 10-45%); 'faster in k of n reps' compares the two variants rep by "
             "rep, each rep running every variant back to back. Greedy agrees: the leading new tokens equal to minibt fp32's; compiled = eager: to the same variant's eager "
             "tokens.\n\n"
             + table(["variant", "decode tok/s", "reps' range", "vs transformers fp32", "vs transformers bf16",
