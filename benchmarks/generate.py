@@ -360,8 +360,9 @@ def quantized_main(args):
         def agree(other):
             return f"{int((greedy[n][0, ids.shape[1]:] == greedy[other][0, ids.shape[1]:]).cumprod(0).sum())}/{args.new + 1}"
         eager = agree(n.removesuffix(" compiled")) if n.endswith(" compiled") else ""
-        rows.append([n, f"{decode[n]:.1f}", f"{min(per_rep[n]):.1f}-{max(per_rep[n]):.1f}", f"{decode[n] / base:.2f}x", f"{decode[n] / decode['transformers bf16']:.2f}x",
-                     size, rss[0] if rss else "?", rss[1] if rss else "?", compiled, warm, agree("minibt fp32"), eager])
+        rows.append([n, f"{decode[n]:.1f}", f"{min(per_rep[n]):.1f}-{max(per_rep[n]):.1f}", f"{decode[n] / base:.2f}x",
+                     f"{decode[n] / decode['transformers bf16']:.2f}x", size, rss[0] if rss else "?",
+                     rss[1] if rss else "?", compiled, warm, agree("minibt fp32"), eager])
     notes = []
     for scheme, goal, q in (("int8", 2.5, "Q8_0"), ("int4", 3.5, "Q4_1")):
         for variant in (f"minibt {scheme}", f"minibt {scheme} compiled"):
@@ -392,8 +393,8 @@ def quantized_main(args):
             "warm start s: a second process from load to its first compiled step, loading the step saved there. "
             "Reps' range: the slowest and fastest rep's own rate (this VM's memory bandwidth varies from minute to "
             "minute: the same variant spreads by 10-45%); 'faster in k of n reps' compares the two variants rep by "
-            "rep, each rep running every variant back to back. Greedy agrees: the leading new tokens equal to minibt fp32's; compiled = eager: to the same variant's eager "
-            "tokens.\n\n"
+            "rep, each rep running every variant back to back. Greedy agrees: the leading new tokens equal to minibt "
+            "fp32's; compiled = eager: to the same variant's eager tokens.\n\n"
             + table(["variant", "decode tok/s", "reps' range", "vs transformers fp32", "vs transformers bf16",
                      "size on disk MiB", "RSS MiB", "peak RSS MiB", "compile s", "warm start s", "greedy agrees",
                      "compiled = eager"], rows)
